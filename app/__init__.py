@@ -1,0 +1,1 @@
+"""The HTTP process: OpenAI-compatible routes over the workers. Never imports torch."""

@@ -1,0 +1,103 @@
+"""The worker process: one per model. Loads it, then loops: drain the inbox, step while there is work, send ONE
+StepOutput per step. A reader thread owns the socket's input, so the busy loop never waits on I/O.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import msgspec
+
+from worker import transport
+from worker.engine import Engine
+from worker.loader import load_model
+from worker.messages import (
+    AbortRequest,
+    AddRequest,
+    InvalidRequest,
+    RequestOutput,
+    Shutdown,
+    StepOutput,
+    ToWorker,
+    WorkerError,
+)
+from worker.registry import load_registry
+from worker.runtime import configure_threads
+
+log = logging.getLogger("tokenmill.worker")
+
+
+def _reader(sock: socket.socket, inbox: queue.Queue[ToWorker | None]) -> None:
+    try:
+        while True:
+            inbox.put(transport.recv(sock, transport.to_worker_decoder))
+    except (transport.ConnectionClosed, OSError, msgspec.DecodeError, ValueError) as exc:
+        log.info("connection to the API process ended: %s", exc)
+    inbox.put(None)
+
+
+def serve(sock: socket.socket, engine: Engine) -> None:
+    inbox: queue.Queue[ToWorker | None] = queue.Queue()
+    threading.Thread(target=_reader, args=(sock, inbox), name="tokenmill-reader", daemon=True).start()
+    transport.send(sock, engine.model_info())
+    while True:
+        rejected: list[RequestOutput] = []
+        block = not engine.has_work()
+        while True:
+            try:
+                message = inbox.get(block=block)
+            except queue.Empty:
+                break
+            block = False
+            if message is None or isinstance(message, Shutdown):
+                return
+            if isinstance(message, AddRequest):
+                try:
+                    engine.add_request(message.request_id, message.prompt_token_ids, message.params)
+                except InvalidRequest as exc:
+                    rejected.append(RequestOutput(message.request_id, [], "error", error=str(exc)))
+            elif isinstance(message, AbortRequest):
+                engine.abort(message.request_ids)
+        if engine.has_work():
+            out = engine.step()
+            out.outputs.extend(rejected)
+            transport.send(sock, out)
+        elif rejected:
+            transport.send(sock, StepOutput(engine.step_count, rejected, engine.stats()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker", description="tokenmill worker process (one model)")
+    parser.add_argument("--models", required=True, help="the models.yaml registry")
+    parser.add_argument("--model", required=True, help="the entry's name")
+    parser.add_argument("--socket", required=True, help="Unix-domain socket of the API process")
+    parser.add_argument("--cache-dir", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[{args.model}] %(levelname)s %(message)s")
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(args.socket)
+    try:
+        entry = load_registry(args.models).get(args.model)
+        configure_threads(entry.threads)
+        loaded = load_model(entry, Path(args.cache_dir) if args.cache_dir else None)
+        engine = Engine.from_loaded(loaded, entry)
+    except Exception as exc:
+        log.exception("could not start the model")
+        transport.send(sock, WorkerError(f"{type(exc).__name__}: {exc}"))
+        return 1
+    try:
+        serve(sock, engine)
+    except (BrokenPipeError, ConnectionResetError):
+        log.info("the API process went away; exiting")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

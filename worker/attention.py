@@ -1,0 +1,114 @@
+"""Paged attention plugged into transformers' attention interface: the HF model runs, our function attends.
+
+One forward takes a packed batch ([1, T] tokens of every scheduled request, no padding). Each layer writes its new
+K/V into the paged cache, then attends: prefill chunks one request at a time with SDPA, decodes all at once with
+batched matmuls over the gathered blocks (faster than SDPA with a mask for single query rows on CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTENTION_NAME = "tokenmill_paged"
+META_KWARG = "tokenmill_meta"
+
+
+@dataclass
+class PrefillSpan:
+    """A run of query tokens of one request: packed rows [start, start + q_len), its context ends with them."""
+
+    start: int
+    q_len: int
+    ctx_len: int
+    ctx_slots: torch.Tensor | None  # cache slots of the whole context; None when the span is the whole context
+    mask: torch.Tensor | None  # [q_len, ctx_len] bool, True = attend; None when the span is the whole context
+
+
+@dataclass
+class DecodeBatch:
+    """Requests that feed one token each: their rows in the packed batch, their block tables and lengths."""
+
+    rows: torch.Tensor  # [B] long
+    block_tables: torch.Tensor  # [B, max_blocks] long (padded with block 0)
+    additive_mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] float: 0 or -inf
+
+
+@dataclass
+class AttentionMetadata:
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [num_blocks, block_size, kv_heads, head_dim]
+    slot_mapping: torch.Tensor  # [T] long: where each new token's K/V goes (block_id * block_size + offset)
+    prefills: list[PrefillSpan] = field(default_factory=list)
+    decode: DecodeBatch | None = None
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    meta: AttentionMetadata = kwargs[META_KWARG]
+    k_cache, v_cache = meta.kv_caches[module.layer_idx]  # type: ignore[index]
+    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
+    scale = scaling if scaling is not None else head_dim**-0.5
+
+    q = query[0].transpose(0, 1)  # [T, H, D]
+    k = key[0].transpose(0, 1)  # [T, Hkv, D]
+    v = value[0].transpose(0, 1)
+    flat_k = k_cache.view(num_blocks * block_size, kv_heads, head_dim)
+    flat_v = v_cache.view(num_blocks * block_size, kv_heads, head_dim)
+    flat_k.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+    flat_v.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+
+    out = torch.empty_like(q)
+    for span in meta.prefills:
+        rows = slice(span.start, span.start + span.q_len)
+        if span.ctx_slots is None:
+            ks, vs = k[rows], v[rows]
+        else:
+            ks, vs = flat_k.index_select(0, span.ctx_slots), flat_v.index_select(0, span.ctx_slots)
+        attn = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1),
+            ks.transpose(0, 1).to(q.dtype),
+            vs.transpose(0, 1).to(q.dtype),
+            attn_mask=span.mask,
+            is_causal=span.mask is None,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[rows] = attn.transpose(0, 1)
+
+    if meta.decode is not None:
+        out[meta.decode.rows] = _decode_attention(q.index_select(0, meta.decode.rows), k_cache, v_cache, meta.decode, scale)
+    return out.unsqueeze(0), None
+
+
+def _decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, decode: DecodeBatch, scale: float
+) -> torch.Tensor:
+    batch, heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    tables = decode.block_tables
+    length = tables.shape[1] * block_size
+    # [B, max_blocks, block_size, Hkv, D] -> [B, Hkv, L, D]
+    keys = k_cache[tables].view(batch, length, kv_heads, head_dim).transpose(1, 2).to(q.dtype)
+    values = v_cache[tables].view(batch, length, kv_heads, head_dim).transpose(1, 2).to(q.dtype)
+    grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)  # query heads of one KV head stay together
+    scores = torch.matmul(grouped, keys.transpose(2, 3)).float() * scale + decode.additive_mask
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(probs, values).view(batch, heads, head_dim)
+
+
+def register() -> str:
+    """Make `ATTENTION_NAME` a valid `attn_implementation`; no mask function is registered, so HF builds no mask."""
+    AttentionInterface.register(ATTENTION_NAME, paged_attention)
+    return ATTENTION_NAME

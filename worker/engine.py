@@ -1,0 +1,221 @@
+"""`Engine`: the synchronous, socket-free engine core: add_request, abort, step. Tested in-process.
+
+A step is three moves: the scheduler picks what runs, the model runner and sampler produce tokens, the scheduler
+folds them back in. Every request's new tokens of the step come back in one `StepOutput`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import psutil
+import torch
+from transformers import PreTrainedModel
+
+from worker.block_manager import BlockManager
+from worker.messages import EngineStats, InvalidRequest, ModelInfo, RequestOutput, SamplingParams, StepOutput
+from worker.model_runner import BatchItem, ModelRunner, kv_bytes_per_token
+from worker.registry import ModelEntry
+from worker.sampler import SampleInput, Sampler
+from worker.scheduler import Scheduler, SchedulerOutput
+from worker.sequence import Sequence
+
+if TYPE_CHECKING:
+    from worker.loader import LoadedModel
+
+log = logging.getLogger("tokenmill.engine")
+
+CPU_KV_DEFAULT_CAP = 1 << 30  # 1 GiB
+CPU_KV_DEFAULT_SHARE = 0.25
+CUDA_KV_DEFAULT_SHARE = 0.8
+
+
+def default_kv_cache_memory(device: torch.device) -> int:
+    """A sane share of free memory: a quarter of available RAM (at most 1 GiB) on CPU, most of free GPU memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_KV_DEFAULT_SHARE)
+    return min(CPU_KV_DEFAULT_CAP, int(psutil.virtual_memory().available * CPU_KV_DEFAULT_SHARE))
+
+
+class Engine:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        name: str,
+        max_model_len: int,
+        eos_token_ids: Iterable[int],
+        device: torch.device,
+        num_blocks: int,
+        block_size: int = 16,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.name = name
+        self.max_model_len = max_model_len
+        self.eos_token_ids = sorted(set(eos_token_ids))
+        self.vocab_size = int(model.config.get_text_config().vocab_size)
+        self.device = device
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager, max_num_seqs, max_num_batched_tokens, max_model_len, self.eos_token_ids
+        )
+        self.runner = ModelRunner(model, num_blocks, block_size, device)
+        self.sampler = Sampler(seed)
+        self.requests: dict[str, Sequence] = {}
+        self.pending: list[RequestOutput] = []  # outputs owed to the client outside a forward (aborts)
+        self.step_count = 0
+        self._arrivals = 0
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel, entry: ModelEntry) -> Engine:
+        per_token = kv_bytes_per_token(loaded.model, loaded.dtype)
+        budget = entry.kv_cache_memory or default_kv_cache_memory(loaded.device)
+        num_blocks = max(1, budget // (per_token * entry.block_size))
+        log.info(
+            "%s: KV cache %d blocks x %d tokens (%.0f MiB, %d bytes/token)",
+            entry.name,
+            num_blocks,
+            entry.block_size,
+            num_blocks * entry.block_size * per_token / 2**20,
+            per_token,
+        )
+        return cls(
+            loaded.model,
+            name=entry.name,
+            max_model_len=loaded.max_model_len,
+            eos_token_ids=loaded.eos_token_ids,
+            device=loaded.device,
+            num_blocks=num_blocks,
+            block_size=entry.block_size,
+            max_num_seqs=entry.max_num_seqs,
+            max_num_batched_tokens=entry.max_num_batched_tokens,
+            enable_prefix_caching=entry.enable_prefix_caching,
+            seed=entry.seed,
+        )
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(
+            name=self.name,
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            eos_token_ids=self.eos_token_ids,
+            dtype=str(self.runner.dtype).removeprefix("torch."),
+            device=str(self.device),
+            kv_blocks_total=self.block_manager.num_blocks,
+            block_size=self.block_manager.block_size,
+        )
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; raises `InvalidRequest` (nothing queued) when it cannot be served."""
+        if request_id in self.requests:
+            raise InvalidRequest("request_id", f"'{request_id}' is already in use")
+        if not prompt_token_ids:
+            raise InvalidRequest("prompt", "is empty")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequest("prompt", f"has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        for field, ids in (("logit_bias", params.logit_bias.keys()), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if t >= self.vocab_size]
+            if bad:
+                raise InvalidRequest(field, f"has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequest(
+                "prompt", f"has {len(prompt_token_ids)} tokens; the model's limit is {self.max_model_len} in all"
+            )
+        longest = min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)
+        bm = self.block_manager
+        if bm.blocks_needed([], longest) > bm.num_blocks:
+            raise InvalidRequest(
+                "max_tokens",
+                f"prompt plus max_tokens ({longest} tokens) exceeds the KV cache ({bm.num_blocks * bm.block_size} "
+                "tokens); lower max_tokens or give the model more kv_cache_memory",
+            )
+        seq = Sequence(request_id, list(prompt_token_ids), params, arrival=self._arrivals)
+        self._arrivals += 1
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        """Drop requests at once, freeing their blocks; unknown or finished ids are ignored."""
+        for request_id in request_ids:
+            seq = self.requests.pop(request_id, None)
+            if seq is None:
+                continue
+            self.scheduler.abort(seq)
+            self.sampler.release(request_id)
+            self.pending.append(RequestOutput(request_id, [], "abort"))
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self.pending)
+
+    def step(self) -> StepOutput:
+        start = time.perf_counter()
+        outputs, self.pending = self.pending, []
+        plan = self.scheduler.schedule()
+        if plan.scheduled:
+            outputs.extend(self._run(plan))
+        self.step_count += 1
+        return StepOutput(self.step_count, outputs, self.stats(plan.num_batched_tokens, time.perf_counter() - start))
+
+    def _run(self, plan: SchedulerOutput) -> list[RequestOutput]:
+        items = []
+        rows: list[SampleInput] = []
+        for item in plan.scheduled:
+            seq = item.seq
+            first = seq.num_computed_tokens
+            items.append(BatchItem(seq.token_ids[first : first + item.num_new_tokens], first, seq.block_table, item.sample))
+            if item.sample:
+                rows.append(self._sample_input(seq))
+        logits = self.runner.execute(items)
+        sampled = self.sampler.sample(logits, rows) if rows else None
+        tokens = dict(zip((row.request_id for row in rows), sampled.token_ids, strict=True)) if sampled else {}
+        finished = {seq.request_id for seq in self.scheduler.update(plan, tokens)}
+
+        outputs = []
+        for index, row in enumerate(rows):
+            seq = self.requests[row.request_id]
+            logprobs = sampled.logprobs[index] if sampled else None
+            first = seq.num_output_tokens == 1
+            outputs.append(
+                RequestOutput(
+                    row.request_id,
+                    [tokens[row.request_id]],
+                    seq.finish_reason if row.request_id in finished else None,
+                    [logprobs] if logprobs is not None else None,
+                    num_prompt_tokens=seq.num_prompt_tokens if first else 0,
+                    num_cached_tokens=seq.num_cached_tokens if first else 0,
+                )
+            )
+        for request_id in finished:
+            del self.requests[request_id]
+            self.sampler.release(request_id)
+        return outputs
+
+    def _sample_input(self, seq: Sequence) -> SampleInput:
+        params = seq.params
+        suppress: list[int] = []
+        if seq.num_output_tokens < params.min_tokens:
+            suppress = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids)
+        return SampleInput(seq.request_id, params, seq.prompt_token_ids, seq.output_token_ids, suppress)
+
+    def stats(self, step_tokens: int = 0, step_seconds: float = 0.0) -> EngineStats:
+        sched = self.scheduler
+        return EngineStats(
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            kv_blocks_used=self.block_manager.num_used_blocks,
+            kv_blocks_total=self.block_manager.num_blocks,
+            prefix_cache_queries=sched.prefix_cache_queries,
+            prefix_cache_hits=sched.prefix_cache_hits,
+            num_preemptions=sched.num_preemptions,
+            step_tokens=step_tokens,
+            step_seconds=step_seconds,
+        )
+

@@ -1,0 +1,175 @@
+"""Typed wire messages between the API process and a worker: token ids and numbers only, no torch, never pickled.
+
+Each message is a msgspec Struct tagged by class name, so one `Message` union decodes any frame from the socket.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+FinishReason = str  # "stop" | "length" | "abort" | "error"
+
+
+class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What a request asks of the sampler and the stop rules. Validated on construction and on decode."""
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
+    seed: int | None = None
+    logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's logprob plus k alternatives
+    stop_token_ids: list[int] = msgspec.field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}")
+        _check(self.min_tokens >= 0, "min_tokens", f"must be non-negative, got {self.min_tokens}")
+        _check(
+            self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            f"({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+        )
+        _check_finite(self.temperature, "temperature")
+        _check(0.0 <= self.temperature <= 100.0, "temperature", f"must be in [0, 100], got {self.temperature}")
+        _check(self.top_k >= -1, "top_k", f"must be -1, 0 (off) or positive, got {self.top_k}")
+        _check_finite(self.top_p, "top_p")
+        _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _check_finite(self.min_p, "min_p")
+        _check(0.0 <= self.min_p <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}")
+        _check_finite(self.repetition_penalty, "repetition_penalty")
+        _check(
+            0.0 < self.repetition_penalty <= 100.0,
+            "repetition_penalty",
+            f"must be in (0, 100], got {self.repetition_penalty}",
+        )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check_finite(value, name)
+            _check(-2.0 <= value <= 2.0, name, f"must be in [-2, 2], got {value}")
+        for token_id, bias in self.logit_bias.items():
+            _check(token_id >= 0, "logit_bias", f"token id {token_id} is negative")
+            _check_finite(bias, "logit_bias")
+            _check(-100.0 <= bias <= 100.0, "logit_bias", f"bias {bias} for token {token_id} is outside [-100, 100]")
+        if self.seed is not None:
+            _check(0 <= self.seed < 2**63, "seed", f"must be in [0, 2**63), got {self.seed}")
+        if self.logprobs is not None:
+            _check(0 <= self.logprobs <= 20, "logprobs", f"must be in [0, 20], got {self.logprobs}")
+        for token_id in self.stop_token_ids:
+            _check(token_id >= 0, "stop_token_ids", f"token id {token_id} is negative")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class InvalidRequest(ValueError):
+    """A request parameter is out of range; `param` names the field for the API's error body."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param} {message}")
+        self.param = param
+
+
+def _check(ok: bool, param: str, message: str) -> None:
+    if not ok:
+        raise InvalidRequest(param, message)
+
+
+def _check_finite(value: float, param: str) -> None:
+    _check(math.isfinite(value), param, f"must be a finite number, got {value}")
+
+
+# --- API process -> worker -------------------------------------------------------------------------------------
+
+
+class AddRequest(msgspec.Struct, tag=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+class AbortRequest(msgspec.Struct, tag=True):
+    request_ids: list[str]
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    pass
+
+
+# --- worker -> API process -------------------------------------------------------------------------------------
+
+
+class TokenLogprob(msgspec.Struct, array_like=True):
+    token_id: int
+    logprob: float
+
+
+class SampleLogprobs(msgspec.Struct, array_like=True):
+    """The chosen token's logprob and the top alternatives, for one generated position."""
+
+    chosen: TokenLogprob
+    top: list[TokenLogprob]
+
+
+class RequestOutput(msgspec.Struct, omit_defaults=True):
+    """What one engine step produced for one request: new token ids, and a finish reason when it ended."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    logprobs: list[SampleLogprobs] | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+
+class EngineStats(msgspec.Struct):
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache, cumulative
+    prefix_cache_hits: int = 0  # tokens found there, cumulative
+    num_preemptions: int = 0  # cumulative
+    step_tokens: int = 0  # tokens fed to the model in this step
+    step_seconds: float = 0.0
+
+
+class StepOutput(msgspec.Struct, tag=True):
+    """ONE message per engine step: every request's new tokens plus the engine's stats."""
+
+    step: int
+    outputs: list[RequestOutput]
+    stats: EngineStats
+
+
+class ModelInfo(msgspec.Struct, tag=True):
+    """Sent once by a worker when its model is loaded and it is ready for requests."""
+
+    name: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    dtype: str
+    device: str
+    kv_blocks_total: int
+    block_size: int
+
+
+class WorkerError(msgspec.Struct, tag=True):
+    """A worker could not start or hit a fatal error; it exits after sending this."""
+
+    message: str
+
+
+ToWorker = AddRequest | AbortRequest | Shutdown
+FromWorker = StepOutput | ModelInfo | WorkerError

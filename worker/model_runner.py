@@ -1,0 +1,131 @@
+"""`ModelRunner`: owns the model and the KV tensors, turns a scheduled batch into one packed forward, returns logits.
+
+The scheduler decides (pure Python); this module executes: it builds the packed input ids, position ids, cache
+slots and attention metadata for one step, and keeps only the logits of requests that sample this step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from worker import attention
+from worker.attention import AttentionMetadata, DecodeBatch, PrefillSpan
+
+
+@dataclass
+class BatchItem:
+    """One request's share of a step: the tokens fed now and where its context lives."""
+
+    token_ids: list[int]  # tokens fed this step (positions num_computed .. num_computed + len - 1)
+    num_computed: int  # tokens already in the cache before this step
+    block_table: list[int]
+    sample: bool  # keep this request's last logits
+
+
+def kv_bytes_per_token(model: PreTrainedModel, dtype: torch.dtype) -> int:
+    layers, kv_heads, head_dim = _kv_shape(model)
+    return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class ModelRunner:
+    def __init__(self, model: PreTrainedModel, num_blocks: int, block_size: int, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.dtype = next(model.parameters()).dtype
+        layers, kv_heads, head_dim = _kv_shape(model)
+        shape = (num_blocks, block_size, kv_heads, head_dim)
+        # Zeroed, not empty: padded decode positions read cache slots that were never written, and NaN garbage
+        # would survive a zero attention weight.
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=device), torch.zeros(shape, dtype=self.dtype, device=device))
+            for _ in range(layers)
+        ]
+        model.set_attn_implementation(attention.register())
+
+    @torch.inference_mode()
+    def execute(self, items: list[BatchItem]) -> torch.Tensor:
+        """Run one packed forward; return float32 logits [num sampled items, vocab] in item order."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        keep: list[int] = []
+        prefills: list[PrefillSpan] = []
+        decode_rows: list[int] = []
+        decode_items: list[BatchItem] = []
+        bs = self.block_size
+        for item in items:
+            start = len(input_ids)
+            n = len(item.token_ids)
+            input_ids.extend(item.token_ids)
+            first = item.num_computed
+            positions.extend(range(first, first + n))
+            table = item.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(first, first + n))
+            if item.sample:
+                keep.append(start + n - 1)
+            if n == 1 and first > 0:
+                decode_rows.append(start)
+                decode_items.append(item)
+            else:
+                prefills.append(self._prefill_span(start, n, first, table))
+
+        meta = AttentionMetadata(
+            kv_caches=self.kv_caches,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            prefills=prefills,
+            decode=self._decode_batch(decode_rows, decode_items) if decode_items else None,
+        )
+        ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
+        pos = torch.tensor([positions], dtype=torch.long, device=self.device)
+        keep_t = torch.tensor(keep, dtype=torch.long, device=self.device)
+        out = self.model(
+            input_ids=ids,
+            position_ids=pos,
+            use_cache=False,
+            logits_to_keep=keep_t,
+            **{attention.META_KWARG: meta},
+        )
+        logits: torch.Tensor = out.logits[0]
+        return logits.float()
+
+    def _prefill_span(self, start: int, q_len: int, num_computed: int, table: list[int]) -> PrefillSpan:
+        ctx_len = num_computed + q_len
+        if num_computed == 0:
+            return PrefillSpan(start, q_len, ctx_len, None, None)
+        ctx_slots = self._slots(table, ctx_len)
+        query_pos = torch.arange(num_computed, ctx_len, device=self.device)[:, None]
+        key_pos = torch.arange(ctx_len, device=self.device)[None, :]
+        return PrefillSpan(start, q_len, ctx_len, ctx_slots, key_pos <= query_pos)
+
+    def _slots(self, table: list[int], length: int) -> torch.Tensor:
+        blocks = torch.tensor(table[: -(-length // self.block_size)], dtype=torch.long, device=self.device)
+        offsets = torch.arange(self.block_size, device=self.device)
+        return (blocks[:, None] * self.block_size + offsets[None, :]).flatten()[:length]
+
+    def _decode_batch(self, rows: list[int], items: list[BatchItem]) -> DecodeBatch:
+        bs = self.block_size
+        lengths = [item.num_computed + 1 for item in items]
+        max_blocks = -(-max(lengths) // bs)
+        tables = [item.block_table[:max_blocks] + [0] * (max_blocks - len(item.block_table[:max_blocks])) for item in items]
+        lengths_t = torch.tensor(lengths, device=self.device)
+        key_pos = torch.arange(max_blocks * bs, device=self.device)
+        mask = torch.zeros(len(items), 1, 1, max_blocks * bs, device=self.device)
+        mask.masked_fill_((key_pos[None, :] >= lengths_t[:, None])[:, None, None, :], float("-inf"))
+        return DecodeBatch(
+            rows=torch.tensor(rows, dtype=torch.long, device=self.device),
+            block_tables=torch.tensor(tables, dtype=torch.long, device=self.device),
+            additive_mask=mask,
+        )
+
+
+def _kv_shape(model: PreTrainedModel) -> tuple[int, int, int]:
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim

