@@ -35,12 +35,12 @@ class DecodeBatch:
 
     rows: torch.Tensor  # [B] long
     block_tables: torch.Tensor  # [B, max_blocks] long (padded with block 0)
-    additive_mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] float: 0 or -inf
+    additive_mask: torch.Tensor  # [1, B, 1, max_blocks * block_size] float: 0 or -inf
 
 
 @dataclass
 class AttentionMetadata:
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [num_blocks, block_size, kv_heads, head_dim]
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [kv_heads, num_blocks, block_size, head_dim]
     slot_mapping: torch.Tensor  # [T] long: where each new token's K/V goes (block_id * block_size + offset)
     prefills: list[PrefillSpan] = field(default_factory=list)
     decode: DecodeBatch | None = None
@@ -58,28 +58,28 @@ def paged_attention(
 ) -> tuple[torch.Tensor, None]:
     meta: AttentionMetadata = kwargs[META_KWARG]
     k_cache, v_cache = meta.kv_caches[module.layer_idx]  # type: ignore[index]
-    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
+    kv_heads, num_blocks, block_size, head_dim = k_cache.shape
     scale = scaling if scaling is not None else head_dim**-0.5
 
-    q = query[0].transpose(0, 1)  # [T, H, D]
-    k = key[0].transpose(0, 1)  # [T, Hkv, D]
-    v = value[0].transpose(0, 1)
-    flat_k = k_cache.view(num_blocks * block_size, kv_heads, head_dim)
-    flat_v = v_cache.view(num_blocks * block_size, kv_heads, head_dim)
-    flat_k.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-    flat_v.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    q = query[0]  # [H, T, D]
+    k = key[0]  # [Hkv, T, D]
+    v = value[0]
+    flat_k = k_cache.view(kv_heads, num_blocks * block_size, head_dim)
+    flat_v = v_cache.view(kv_heads, num_blocks * block_size, head_dim)
+    flat_k.index_copy_(1, meta.slot_mapping, k.to(k_cache.dtype))
+    flat_v.index_copy_(1, meta.slot_mapping, v.to(v_cache.dtype))
 
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape[1], q.shape[0], head_dim, dtype=q.dtype, device=q.device)  # [T, H, D]
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.q_len)
         if span.ctx_slots is None:
-            ks, vs = k[rows], v[rows]
+            ks, vs = k[:, rows], v[:, rows]
         else:
-            ks, vs = flat_k.index_select(0, span.ctx_slots), flat_v.index_select(0, span.ctx_slots)
+            ks, vs = flat_k.index_select(1, span.ctx_slots), flat_v.index_select(1, span.ctx_slots)
         attn = F.scaled_dot_product_attention(
-            q[rows].transpose(0, 1),
-            ks.transpose(0, 1).to(q.dtype),
-            vs.transpose(0, 1).to(q.dtype),
+            q[:, rows],
+            ks.to(q.dtype),
+            vs.to(q.dtype),
             attn_mask=span.mask,
             is_causal=span.mask is None,
             scale=scale,
@@ -88,24 +88,28 @@ def paged_attention(
         out[rows] = attn.transpose(0, 1)
 
     if meta.decode is not None:
-        out[meta.decode.rows] = _decode_attention(q.index_select(0, meta.decode.rows), k_cache, v_cache, meta.decode, scale)
+        rows_q = q.index_select(1, meta.decode.rows)  # [H, B, D]
+        out[meta.decode.rows] = _decode_attention(rows_q, k_cache, v_cache, meta.decode, scale)
     return out.unsqueeze(0), None
 
 
 def _decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, decode: DecodeBatch, scale: float
 ) -> torch.Tensor:
-    batch, heads, head_dim = q.shape
-    _, block_size, kv_heads, _ = k_cache.shape
+    """q [H, B, D] -> [B, H, D]. The cache layout [Hkv, blocks, block_size, D] makes one gather give [Hkv, B, L, D]."""
+    heads, batch, head_dim = q.shape
+    kv_heads, num_blocks, block_size, _ = k_cache.shape
     tables = decode.block_tables
     length = tables.shape[1] * block_size
-    # [B, max_blocks, block_size, Hkv, D] -> [B, Hkv, L, D]
-    keys = k_cache[tables].view(batch, length, kv_heads, head_dim).transpose(1, 2).to(q.dtype)
-    values = v_cache[tables].view(batch, length, kv_heads, head_dim).transpose(1, 2).to(q.dtype)
-    grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)  # query heads of one KV head stay together
-    scores = torch.matmul(grouped, keys.transpose(2, 3)).float() * scale + decode.additive_mask
+    index = tables.flatten()
+    keys = k_cache.view(kv_heads, num_blocks, -1).index_select(1, index).view(kv_heads, batch, length, head_dim)
+    values = v_cache.view(kv_heads, num_blocks, -1).index_select(1, index).view(kv_heads, batch, length, head_dim)
+    # query heads of one KV head stay together: [Hkv, B, G, D]
+    grouped = q.view(kv_heads, heads // kv_heads, batch, head_dim).transpose(1, 2)
+    scores = torch.matmul(grouped, keys.to(q.dtype).transpose(2, 3)).float() * scale + decode.additive_mask
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    return torch.matmul(probs, values).view(batch, heads, head_dim)
+    out = torch.matmul(probs, values.to(q.dtype))  # [Hkv, B, G, D]
+    return out.permute(1, 0, 2, 3).reshape(batch, heads, head_dim)
 
 
 def register() -> str:

@@ -170,7 +170,9 @@ class Engine:
         for item in plan.scheduled:
             seq = item.seq
             first = seq.num_computed_tokens
-            items.append(BatchItem(seq.token_ids[first : first + item.num_new_tokens], first, seq.block_table, item.sample))
+            items.append(
+                BatchItem(seq.token_ids[first : first + item.num_new_tokens], first, seq.block_table, item.sample)
+            )
             if item.sample:
                 rows.append(self._sample_input(seq))
         logits = self.runner.execute(items)
@@ -218,4 +220,3 @@ class Engine:
             step_tokens=step_tokens,
             step_seconds=step_seconds,
         )
-

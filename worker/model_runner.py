@@ -38,7 +38,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.dtype = next(model.parameters()).dtype
         layers, kv_heads, head_dim = _kv_shape(model)
-        shape = (num_blocks, block_size, kv_heads, head_dim)
+        shape = (kv_heads, num_blocks, block_size, head_dim)
         # Zeroed, not empty: padded decode positions read cache slots that were never written, and NaN garbage
         # would survive a zero attention weight.
         self.kv_caches = [
@@ -111,11 +111,13 @@ class ModelRunner:
         bs = self.block_size
         lengths = [item.num_computed + 1 for item in items]
         max_blocks = -(-max(lengths) // bs)
-        tables = [item.block_table[:max_blocks] + [0] * (max_blocks - len(item.block_table[:max_blocks])) for item in items]
+        tables = [
+            item.block_table[:max_blocks] + [0] * (max_blocks - len(item.block_table[:max_blocks])) for item in items
+        ]
         lengths_t = torch.tensor(lengths, device=self.device)
         key_pos = torch.arange(max_blocks * bs, device=self.device)
-        mask = torch.zeros(len(items), 1, 1, max_blocks * bs, device=self.device)
-        mask.masked_fill_((key_pos[None, :] >= lengths_t[:, None])[:, None, None, :], float("-inf"))
+        mask = torch.zeros(1, len(items), 1, max_blocks * bs, device=self.device)
+        mask.masked_fill_((key_pos[None, :] >= lengths_t[:, None])[None, :, None, :], float("-inf"))
         return DecodeBatch(
             rows=torch.tensor(rows, dtype=torch.long, device=self.device),
             block_tables=torch.tensor(tables, dtype=torch.long, device=self.device),

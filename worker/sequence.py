@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from worker.messages import SamplingParams, SampleLogprobs
+from worker.messages import SampleLogprobs, SamplingParams
 
 
 class SequenceStatus(enum.Enum):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from transformers import PreTrainedModel
@@ -59,7 +60,7 @@ def reference(model: PreTrainedModel, prompt: list[int], max_tokens: int) -> lis
     """transformers' own greedy `generate`, one prompt at a time (no padding)."""
     eos = model.config.eos_token_id
     with torch.inference_mode():
-        out = model.generate(
+        out = cast(Any, model).generate(
             torch.tensor([prompt]),
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             max_new_tokens=max_tokens,
@@ -70,7 +71,9 @@ def reference(model: PreTrainedModel, prompt: list[int], max_tokens: int) -> lis
     return [int(t) for t in out[0, len(prompt) :]]
 
 
-def random_prompts(vocab: int, lengths: list[int], seed: int = 0, prefix: list[int] | None = None) -> dict[str, list[int]]:
+def random_prompts(
+    vocab: int, lengths: list[int], seed: int = 0, prefix: list[int] | None = None
+) -> dict[str, list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return {
         f"r{i}": (prefix or []) + torch.randint(3, vocab, (n,), generator=gen).tolist() for i, n in enumerate(lengths)

@@ -1,0 +1,249 @@
+"""The sampler's contract on CPU: greedy, filters, penalties, seeded reproducibility, logprobs, degenerate rows."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from worker.messages import SamplingParams
+from worker.sampler import SampleInput, Sampler, filter_logits, process_logits
+
+VOCAB = 64
+
+
+def row(
+    request_id: str = "r",
+    prompt: Sequence[int] = (),
+    output: Sequence[int] = (),
+    suppress: Sequence[int] = (),
+    **params: Any,
+) -> SampleInput:
+    return SampleInput(request_id, SamplingParams(**params), list(prompt), list(output), list(suppress))
+
+
+def random_logits(rows: int, vocab: int = VOCAB, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_is_argmax(dtype: torch.dtype) -> None:
+    logits = random_logits(32).to(dtype)
+    out = Sampler().sample(logits, [row(temperature=0.0) for _ in range(32)])
+    assert out.token_ids == logits.float().argmax(dim=-1).tolist()
+    assert out.logprobs == [None] * 32
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy_at_high_temperature() -> None:
+    sampler = Sampler(seed=3)
+    for step in range(10):
+        logits = random_logits(16, seed=step)
+        rows = [row(temperature=50.0, top_k=1) for _ in range(8)] + [
+            row(temperature=50.0, top_p=1e-6) for _ in range(8)
+        ]
+        assert sampler.sample(logits, rows).token_ids == logits.argmax(dim=-1).tolist()
+
+
+def test_high_temperature_without_filters_is_not_greedy() -> None:
+    # Guards the test above: the same setup without top_k/top_p must stray from the argmax.
+    logits = random_logits(16)
+    tokens = Sampler(seed=3).sample(logits, [row(temperature=50.0) for _ in range(16)]).token_ids
+    assert tokens != logits.argmax(dim=-1).tolist()
+
+
+def test_suppression_and_logit_bias_steer_the_choice() -> None:
+    logits = torch.tensor([[5.0, 4.0, 3.0, 0.0]] * 4)
+    rows = [
+        row(temperature=0.0, suppress=[0]),
+        row(temperature=0.0, suppress=[0, 1, 99]),  # 99 is outside the vocabulary: ignored
+        row(temperature=0.0, logit_bias={3: 10.0, 1000: 50.0}),
+        row(temperature=1.0, suppress=[0, 1, 2], logit_bias={2: 100.0}),  # suppression wins over bias
+    ]
+    assert Sampler().sample(logits, rows).token_ids == [1, 2, 3, 3]
+
+
+def test_logit_bias_is_added() -> None:
+    logits = torch.ones(2, 4)
+    out = process_logits(logits, [row(logit_bias={1: 2.5, 3: -1.0}), row()])
+    assert out.tolist() == [[1.0, 3.5, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]]
+    assert logits.eq(1).all()  # the input is never modified
+
+
+def test_repetition_penalty_is_hf_style_over_prompt_and_output() -> None:
+    logits = torch.tensor([[2.0, -2.0, 4.0, -1.0, 3.0]])
+    out = process_logits(logits, [row(prompt=[0, 1, 0], output=[2], repetition_penalty=2.0)])
+    assert out.tolist() == [[1.0, -4.0, 2.0, -1.0, 3.0]]
+    # Token 4 was never seen, so the greedy pick moves from 2 to 4.
+    assert Sampler().sample(logits, [row(prompt=[2], temperature=0.0, repetition_penalty=2.0)]).token_ids == [4]
+
+
+def test_frequency_and_presence_penalties_are_openai_style_over_output_only() -> None:
+    logits = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    rows = [row(prompt=[3, 3, 3], output=[0, 0, 0, 1], frequency_penalty=0.5, presence_penalty=0.25)]
+    assert process_logits(logits, rows).tolist() == [[1.0 - 1.5 - 0.25, 1.0 - 0.5 - 0.25, 1.0, 1.0]]
+    negative = [row(output=[2, 2], frequency_penalty=-1.0, temperature=0.0)]
+    assert Sampler().sample(logits, negative).token_ids == [2]
+
+
+def _reference(logits: torch.Tensor, rows: Sequence[SampleInput]) -> torch.Tensor:
+    """The stages written plainly, one row and one token at a time."""
+    out = logits.clone()
+    vocab = out.shape[-1]
+    for x, r in zip(out, rows, strict=True):
+        for token, bias in r.params.logit_bias.items():
+            if token < vocab:
+                x[token] += bias
+        for token in r.suppress_token_ids:
+            if token < vocab:
+                x[token] = -math.inf
+        penalty = r.params.repetition_penalty
+        for token in {t for t in [*r.prompt_token_ids, *r.output_token_ids] if t < vocab}:
+            x[token] = x[token] / penalty if x[token] > 0 else x[token] * penalty
+        for token in {t for t in r.output_token_ids if t < vocab}:
+            count = r.output_token_ids.count(token)
+            x[token] -= r.params.frequency_penalty * count + r.params.presence_penalty
+    return out
+
+
+def test_stages_match_a_plain_reference() -> None:
+    gen = torch.Generator().manual_seed(9)
+
+    def ids(n: int, high: int = VOCAB + 8) -> list[int]:  # some ids fall outside the vocabulary
+        return torch.randint(0, high, (n,), generator=gen).tolist()
+
+    logits = random_logits(24)
+    rows = []
+    for i in range(24):
+        params: dict[str, Any] = {}
+        if i % 2:
+            params["repetition_penalty"] = 1.0 + i / 10
+        if i % 3 == 0:
+            params["frequency_penalty"] = 0.4
+        if i % 4 == 0:
+            params["presence_penalty"] = -0.7
+        if i % 5 == 0:
+            params["logit_bias"] = dict.fromkeys(ids(4), float(i))
+        suppress = ids(3) if i % 7 == 0 else []
+        rows.append(row(prompt=ids(12), output=ids(30, high=VOCAB // 4), suppress=suppress, **params))
+    torch.testing.assert_close(process_logits(logits, rows), _reference(logits, rows), rtol=0, atol=1e-5)
+
+
+def test_stages_apply_only_to_their_rows() -> None:
+    logits = random_logits(3)
+    rows = [row(), row(output=[1, 2], prompt=[3], frequency_penalty=1.0, repetition_penalty=1.5), row()]
+    out = process_logits(logits, rows)
+    assert torch.equal(out[0], logits[0]) and torch.equal(out[2], logits[2])
+    assert not torch.equal(out[1], logits[1])
+    plain = torch.ones(2, 4)
+    assert process_logits(plain, [row(), row()]) is plain  # nothing to do: no copy
+
+
+def test_top_p_and_min_p_filters() -> None:
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()[None, :].repeat(3, 1)
+    out = filter_logits(logits, top_k=[0, 0, 3], top_p=[0.7, 1.0, 1.0], min_p=[0.0, 0.2, 0.0])
+    kept = torch.isfinite(out).tolist()
+    assert kept == [[True, True, False, False], [True, True, True, False], [True, True, True, False]]
+    assert torch.equal(out[torch.isfinite(out)], logits[torch.isfinite(out)])
+
+
+def test_min_p_sampling_never_picks_filtered_tokens() -> None:
+    logits = torch.tensor([0.4, 0.3, 0.2, 0.06, 0.04]).log()[None, :].repeat(2000, 1)
+    tokens = Sampler(seed=1).sample(logits, [row(min_p=0.2) for _ in range(2000)]).token_ids
+    assert set(tokens) == {0, 1, 2}
+
+
+def test_sampling_frequencies_match_softmax() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20000, 1)
+    for temperature in (1.0, 2.0):
+        tokens = Sampler(seed=7).sample(logits, [row(temperature=temperature)] * 20000).token_ids
+        counts = torch.bincount(torch.tensor(tokens), minlength=4).float() / len(tokens)
+        expected = (logits[0] / temperature).softmax(dim=-1)
+        assert torch.allclose(counts, expected, atol=0.015), (temperature, counts, expected)
+
+
+def _run_seeded(batch_of: int, position: int, seed: int, steps: int = 20) -> list[int]:
+    """Tokens of request "target" (seed `seed`) over `steps`, sampled at `position` inside a batch of `batch_of`."""
+    sampler = Sampler(seed=123 + batch_of)
+    output: list[int] = []
+    others: list[list[int]] = [[] for _ in range(batch_of)]
+    for step in range(steps):
+        target = torch.randn(VOCAB, generator=torch.Generator().manual_seed(1000 + step)) * 2
+        logits = random_logits(batch_of + 1, seed=step + batch_of)
+        logits[position] = target
+        rows = []
+        for i in range(batch_of):
+            seeded: dict[str, Any] = {"seed": 50 + i} if i % 3 == 0 else {}
+            rows.append(row(f"other-{i}", output=others[i], temperature=0.8, top_p=0.9, **seeded))
+        params: dict[str, Any] = {
+            "temperature": 0.9,
+            "top_k": 20,
+            "top_p": 0.95,
+            "frequency_penalty": 0.3,
+            "seed": seed,
+        }
+        rows.insert(position, row("target", prompt=[1, 2, 3], output=list(output), **params))
+        tokens = sampler.sample(logits, rows).token_ids
+        output.append(tokens[position])
+        for i, token in enumerate(tokens[:position] + tokens[position + 1 :]):
+            others[i].append(token)
+    return output
+
+
+def test_seeded_row_ignores_its_batch() -> None:
+    alone = _run_seeded(batch_of=0, position=0, seed=42)
+    assert _run_seeded(batch_of=16, position=5, seed=42) == alone
+    assert _run_seeded(batch_of=16, position=16, seed=42) == alone
+    assert _run_seeded(batch_of=0, position=0, seed=43) != alone
+
+
+def test_release_restarts_a_seeded_request() -> None:
+    sampler = Sampler()
+    logits = torch.zeros(1, 1000)
+    first = sampler.sample(logits, [row("a", seed=5)]).token_ids
+    second = sampler.sample(logits, [row("a", seed=5)]).token_ids
+    sampler.release("a")
+    assert sampler.sample(logits, [row("a", seed=5)]).token_ids == first
+    assert first != second  # the generator advances while the request lives
+
+
+def test_logprobs_come_from_raw_logits() -> None:
+    logits = random_logits(3)
+    rows = [
+        row(temperature=0.0, logprobs=5, logit_bias={0: 100.0}),
+        row(temperature=1.0, logprobs=0),
+        row(temperature=0.0),
+    ]
+    out = Sampler().sample(logits, rows)
+    expected = torch.log_softmax(logits, dim=-1)
+    assert out.token_ids[0] == 0
+    first, second, third = out.logprobs
+    assert first is not None and second is not None and third is None
+    assert first.chosen.token_id == 0 and first.chosen.logprob == pytest.approx(expected[0, 0].item(), abs=1e-6)
+    values, ids = expected[0].topk(5)
+    assert [t.token_id for t in first.top] == ids.tolist()
+    assert [t.logprob for t in first.top] == pytest.approx(values.tolist(), abs=1e-6)
+    assert second.top == [] and second.chosen.token_id == out.token_ids[1]
+    assert second.chosen.logprob == pytest.approx(expected[1, out.token_ids[1]].item(), abs=1e-6)
+
+
+def test_rows_with_nothing_left_fall_back_to_raw_argmax() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0], [0.0, 3.0, 1.0], [-math.inf] * 3, [-math.inf] * 3, [0.0, 1.0, 2.0]])
+    rows = [
+        row(temperature=0.0, suppress=[0, 1, 2]),
+        row(temperature=1.0, suppress=[0, 1, 2]),
+        row(temperature=0.0),
+        row(temperature=0.7, top_p=0.5, top_k=2),
+        row(temperature=1.0, top_k=1),
+    ]
+    tokens = Sampler().sample(logits, rows).token_ids
+    assert tokens[:2] == [1, 1] and tokens[4] == 2
+    assert all(0 <= t < 3 for t in tokens[2:4])
+
+
+def test_tiny_temperature_acts_like_greedy() -> None:
+    logits = random_logits(8)
+    tokens = Sampler().sample(logits, [row(temperature=1e-38) for _ in range(8)]).token_ids
+    assert tokens == logits.argmax(dim=-1).tolist()

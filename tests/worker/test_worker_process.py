@@ -1,0 +1,85 @@
+"""The worker process over its real transport: start it, send requests and an abort, read step outputs, stop it."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from tests.worker.engine_harness import random_prompts, reference
+from worker import transport
+from worker.launcher import WorkerHandle, WorkerStartError, start_worker
+from worker.messages import AbortRequest, AddRequest, SamplingParams, StepOutput
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("registry") / "models.yaml"
+    entry = {"name": "tiny", "source": str(tiny_llama_dir), "dtype": "float32", "threads": 1, "kv_cache_memory": "4MiB"}
+    path.write_text(yaml.safe_dump({"models": [entry]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def worker(registry: Path) -> Iterator[WorkerHandle]:
+    handle = start_worker(registry, "tiny", start_timeout=120)
+    yield handle
+    assert handle.close() == 0
+
+
+def read_until(
+    sock: socket.socket, done: set[str], timeout: float = 60.0
+) -> tuple[dict[str, list[int]], dict[str, str]]:
+    sock.settimeout(timeout)
+    tokens: dict[str, list[int]] = {}
+    finish: dict[str, str] = {}
+    while not done <= finish.keys():
+        message = transport.recv(sock, transport.from_worker_decoder)
+        assert isinstance(message, StepOutput)
+        seen = [o.request_id for o in message.outputs]
+        assert len(seen) == len(set(seen)), "one output per request per step"
+        for out in message.outputs:
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finish_reason:
+                finish[out.request_id] = out.finish_reason
+    return tokens, finish
+
+
+def test_worker_reports_its_model(worker: WorkerHandle) -> None:
+    assert worker.info.name == "tiny"
+    assert worker.info.dtype == "float32"
+    assert worker.info.kv_blocks_total > 0
+
+
+def test_requests_and_abort_over_the_socket(worker: WorkerHandle, tiny_llama_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    prompts = random_prompts(int(model.config.vocab_size), [4, 9, 17], seed=11)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    for rid, prompt in prompts.items():
+        transport.send(worker.sock, AddRequest(rid, prompt, greedy))
+    transport.send(worker.sock, AddRequest("long", prompts["r0"], SamplingParams(max_tokens=400, ignore_eos=True)))
+    transport.send(worker.sock, AbortRequest(["long"]))
+    tokens, finish = read_until(worker.sock, {*prompts, "long"})
+    assert finish["long"] == "abort"
+    assert len(tokens.get("long", [])) < 400
+    for rid, prompt in prompts.items():
+        assert tokens[rid] == reference(model, prompt, 8)
+        assert finish[rid] in ("length", "stop")
+
+
+def test_invalid_request_gets_an_error_output(worker: WorkerHandle) -> None:
+    transport.send(worker.sock, AddRequest("bad", [10**7], SamplingParams()))
+    tokens, finish = read_until(worker.sock, {"bad"})
+    assert finish == {"bad": "error"} and tokens == {"bad": []}
+
+
+def test_bad_registry_entry_fails_the_start(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump({"models": [{"name": "ghost", "source": str(tmp_path / "missing")}]}))
+    with pytest.raises(WorkerStartError, match="ghost"):
+        start_worker(path, "ghost", start_timeout=60)

@@ -1,0 +1,266 @@
+"""Turns a models.yaml entry into a ready model and tokenizer, from a HF directory, a hub id, a GGUF or package file.
+
+GGUF files are dequantized once into a safetensors cache, because converting them costs tens of seconds every start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import try_to_load_from_cache
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    GgufConfig,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from worker.registry import ModelEntry
+
+logger = logging.getLogger("tokenmill.loader")
+
+PACKAGE_PREFIX = "package:"
+# Bump when the cached layout changes, so old caches are rebuilt rather than misread.
+_CACHE_FORMAT = 1
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Tokenizers without a known limit report a huge sentinel (about 1e30) as model_max_length.
+_SANE_MAX_LEN = 10_000_000
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    config: PreTrainedConfig
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+    eos_token_ids: list[int]
+    weights_path: Path
+    converted: bool
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "tokenmill"
+
+
+def resolve_source(source: str) -> str:
+    """`package:DIST/PATH` -> the absolute path of PATH inside the installed distribution DIST; others unchanged."""
+    if not source.startswith(PACKAGE_PREFIX):
+        return source
+    dist_name, _, inner = source.removeprefix(PACKAGE_PREFIX).partition("/")
+    if not dist_name or not inner:
+        raise ValueError(f"'{source}' is not a package source; write package:DISTRIBUTION/PATH/INSIDE/IT")
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise FileNotFoundError(f"'{source}': package '{dist_name}' is not installed; pip install it") from exc
+    return str(Path(str(dist.locate_file(inner))).resolve())
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{device}' was asked for, but torch sees no CUDA device; use cpu or auto")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Auto picks bfloat16 where the hardware computes it natively, else float32 (float16 on pre-Ampere GPUs)."""
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ValueError(f"'{dtype}' is not a dtype; use one of {', '.join(_DTYPES)} or auto")
+        return _DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+
+
+def _cpu_flags() -> set[str]:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    return set()
+
+
+def _cpu_has_fast_bf16() -> bool:
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def load_model(entry: ModelEntry, cache_dir: Path | None = None) -> LoadedModel:
+    start = time.perf_counter()
+    device = resolve_device(entry.device)
+    dtype = resolve_dtype(entry.dtype, device)
+    source, local = _locate(entry)
+    converted, how = False, "hub" if local is None else "local directory"
+    if local is not None and local.suffix == ".gguf":
+        local, converted = _gguf_cache(local, cache_dir or default_cache_dir())
+        how = "converted GGUF" if converted else "cached GGUF conversion"
+    where = str(local) if local is not None else source
+    revision = entry.revision or "main"  # ignored for local directories
+
+    tokenizer = AutoTokenizer.from_pretrained(where, revision=revision, trust_remote_code=False)
+    if entry.load_format == "dummy":
+        config = AutoConfig.from_pretrained(where, revision=revision, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)  # type: ignore[no-untyped-call]
+        with contextlib.suppress(OSError):  # without generation_config.json, keep the one derived from the config
+            model.generation_config = GenerationConfig.from_pretrained(where, revision=revision)
+        how = f"dummy weights, config of {how}"
+    else:
+        if local is not None:
+            _check_safetensors(entry, local)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, revision=revision, dtype=dtype, use_safetensors=True, trust_remote_code=False
+        )
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+
+    if len(tokenizer) > model.config.get_text_config().vocab_size:
+        logger.warning("model '%s': the tokenizer has more tokens than the model's vocabulary", entry.name)
+    weights_path = local if local is not None else _hub_snapshot(source, entry.revision)
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        config=model.config,
+        device=device,
+        dtype=dtype,
+        max_model_len=_max_model_len(entry, model.config, tokenizer),
+        eos_token_ids=_eos_token_ids(model, tokenizer),
+        weights_path=weights_path,
+        converted=converted,
+    )
+    elapsed = time.perf_counter() - start
+    logger.info("model '%s': %s from %s on %s as %s in %.2fs", entry.name, how, weights_path, device, dtype, elapsed)
+    return loaded
+
+
+def _locate(entry: ModelEntry) -> tuple[str, Path | None]:
+    """The resolved source, and its local path (None for a hub id); a missing local path fails here, clearly."""
+    try:
+        source = resolve_source(entry.source)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"model '{entry.name}': {exc}") from exc
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model '{entry.name}': {path} has no config.json, so it is no model directory")
+        return source, path.resolve()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model '{entry.name}': {path} is a file but not a .gguf; give a directory or a .gguf")
+        return source, path.resolve()
+    looks_local = source.startswith((".", "~")) or path.suffix == ".gguf" or not _HUB_ID.match(source)
+    if entry.source.startswith(PACKAGE_PREFIX) or looks_local:
+        raise FileNotFoundError(f"model '{entry.name}': {path} does not exist (source: {entry.source})")
+    return source, None
+
+
+def _check_safetensors(entry: ModelEntry, directory: Path) -> None:
+    names = [p.name for p in directory.iterdir()]
+    if any(name.endswith(".safetensors") for name in names):
+        return
+    pickled = sorted(name for name in names if name.endswith(_PICKLE_SUFFIXES))
+    if pickled:
+        raise ValueError(
+            f"model '{entry.name}': {directory} has only pickle weights ({', '.join(pickled)}); tokenmill loads "
+            "safetensors only, since unpickling can run code. Convert them to safetensors first."
+        )
+    raise FileNotFoundError(
+        f"model '{entry.name}': {directory} has no *.safetensors weights; add them, or set load_format: dummy"
+    )
+
+
+def _gguf_cache(gguf: Path, cache_root: Path) -> tuple[Path, bool]:
+    """The safetensors directory converted from `gguf`, and whether this call wrote it (False: reused)."""
+    stat = gguf.stat()
+    identity = f"{_CACHE_FORMAT}\0{gguf}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    target = cache_root / "gguf" / hashlib.sha256(identity.encode()).hexdigest()[:16]
+    if (target / "config.json").is_file():
+        return target, False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    logger.info("converting %s to safetensors in %s (once; later starts reuse it)", gguf, target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        # float32 keeps the dequantized values exact; the entry's dtype is applied when the cache is loaded.
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+        )
+        _drop_quantization(model)
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        origin = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        (tmp / "tokenmill_source.json").write_text(json.dumps(origin, indent=2) + "\n")
+        try:
+            os.rename(tmp, target)  # atomic: the cache directory is complete or absent
+        except OSError as exc:
+            if not (target / "config.json").is_file():
+                raise OSError(f"{target} exists but is no complete conversion; remove it and retry") from exc
+            logger.info("another process converted %s first; using its cache", gguf)
+            return target, False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("converted %s in %.1fs", gguf, time.perf_counter() - start)
+    return target, True
+
+
+def _drop_quantization(model: PreTrainedModel) -> None:
+    """save_pretrained refuses a model that still carries its GGUF quantizer, though its weights are plain now."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _hub_snapshot(source: str, revision: str | None) -> Path:
+    cached = try_to_load_from_cache(source, "config.json", revision=revision)
+    return Path(cached).parent if isinstance(cached, str) else Path(source)
+
+
+def _max_model_len(entry: ModelEntry, config: PreTrainedConfig, tokenizer: PreTrainedTokenizerBase) -> int:
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        from_tokenizer = getattr(tokenizer, "model_max_length", None)
+        sane = isinstance(from_tokenizer, int) and 0 < from_tokenizer < _SANE_MAX_LEN
+        limit = from_tokenizer if sane else None
+    if entry.max_model_len is None:
+        if limit is None:
+            raise ValueError(f"model '{entry.name}': no context length in config or tokenizer; set max_model_len")
+        return limit
+    if limit is not None and entry.max_model_len > limit:
+        logger.warning(
+            "model '%s': max_model_len %d exceeds the model's limit; using %d", entry.name, entry.max_model_len, limit
+        )
+        return limit
+    return entry.max_model_len
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    candidates = [*configured] if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys(c for c in [*candidates, tokenizer.eos_token_id] if isinstance(c, int)))

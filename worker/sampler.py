@@ -1,0 +1,176 @@
+"""Turns a batch of logits into one token per request, with the OpenAI/HF knobs applied row by row but vectorized.
+
+Seeded requests draw noise from their own generator, so their tokens do not depend on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+import torch
+
+from worker.messages import SampleLogprobs, SamplingParams, TokenLogprob
+
+_NEG_INF = float("-inf")
+_MIN_TEMPERATURE = 1e-5  # dividing by a smaller temperature overflows float32 logits to inf, and softmax to NaN
+
+
+@dataclass
+class SampleInput:
+    request_id: str
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    suppress_token_ids: Sequence[int]  # token ids banned at this step (EOS/stop ids while under min_tokens)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[SampleLogprobs | None]  # None for rows whose params.logprobs is None
+
+
+def _flat_keys(seqs: Sequence[Sequence[int]], row_ids: Sequence[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """`row * vocab + token` keys into a flattened [rows, vocab] tensor; out-of-vocabulary ids are dropped,
+    so a bad id never crashes a step. Touching only these keys keeps each stage O(tokens), not O(rows * vocab)."""
+    tokens = torch.from_numpy(np.fromiter(chain.from_iterable(seqs), dtype=np.int64))
+    rows = torch.repeat_interleave(torch.tensor(row_ids, dtype=torch.long), torch.tensor([len(s) for s in seqs]))
+    ok = (tokens >= 0) & (tokens < vocab)
+    keys = rows * vocab + tokens
+    return (keys if bool(ok.all()) else keys[ok]).to(device)
+
+
+def _per_row(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    return _per_row(values, device)[:, None]
+
+
+def process_logits(logits: torch.Tensor, rows: Sequence[SampleInput]) -> torch.Tensor:
+    """float32 logits after bias, suppression and penalties; a new tensor when any stage applies, the input never
+    modified. Each stage is skipped when no row uses it and touches only the tokens of the rows that do."""
+    bias = [i for i, r in enumerate(rows) if r.params.logit_bias]
+    suppress = [i for i, r in enumerate(rows) if r.suppress_token_ids]
+    repetition = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    frequency = [i for i, r in enumerate(rows) if r.params.frequency_penalty or r.params.presence_penalty]
+    if not (bias or suppress or repetition or frequency):
+        return logits.float()
+    x = logits.to(torch.float32, copy=True).contiguous()
+    vocab, device = x.shape[-1], x.device
+    flat = x.view(-1)
+    if bias:
+        items = [(i * vocab + t, b) for i in bias for t, b in rows[i].params.logit_bias.items() if 0 <= t < vocab]
+        if items:
+            bias_keys, bias_values = zip(*items, strict=True)
+            flat.index_add_(0, torch.tensor(bias_keys, device=device), _per_row(bias_values, device))
+    if suppress:
+        flat.index_fill_(
+            0, _flat_keys([rows[i].suppress_token_ids for i in suppress], suppress, vocab, device), _NEG_INF
+        )
+    if repetition:
+        seqs = [[*rows[i].prompt_token_ids, *rows[i].output_token_ids] for i in repetition]
+        keys = _flat_keys(seqs, repetition, vocab, device)  # repeated keys write equal values: no unique needed
+        penalty = _per_row([r.params.repetition_penalty for r in rows], device)[keys // vocab]
+        seen = flat[keys]
+        flat[keys] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    if frequency:
+        outputs = [rows[i].output_token_ids for i in frequency]
+        keys, counts = torch.unique(_flat_keys(outputs, frequency, vocab, device), return_counts=True)
+        frequency_penalty = _per_row([r.params.frequency_penalty for r in rows], device)[keys // vocab]
+        presence_penalty = _per_row([r.params.presence_penalty for r in rows], device)[keys // vocab]
+        flat[keys] = flat[keys] - (frequency_penalty * counts + presence_penalty)  # every key here has count > 0
+    return x
+
+
+def filter_logits(
+    logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float], min_p: Sequence[float]
+) -> torch.Tensor:
+    """Per-row top_k (<= 0: off), then top_p, then min_p, as -inf in a new tensor. One sort serves all three; the
+    most likely token always survives, so a row with any finite logit keeps at least one."""
+    vocab, device = logits.shape[-1], logits.device
+    k = torch.tensor([v if 0 < v < vocab else vocab for v in top_k], device=device)
+    # top_p == 1 means off; float rounding in the cumulative sum would otherwise clip the far tail.
+    p = _column([v if v < 1.0 else math.inf for v in top_p], device)
+    values, order = logits.sort(dim=-1, descending=True)
+    remove = torch.arange(vocab, device=device)[None, :] >= k[:, None]
+    values = values.masked_fill(remove, _NEG_INF)
+    probs = values.softmax(dim=-1)
+    remove |= (probs.cumsum(dim=-1) - probs) > p
+    # min_p compares with the most likely token; the ratio does not change when top_k/top_p renormalize.
+    remove |= probs < _column(min_p, device) * probs[:, :1]
+    return torch.empty_like(logits).scatter_(-1, order, values.masked_fill_(remove, _NEG_INF))
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self._generator = torch.Generator().manual_seed(seed)  # shared by unseeded rows
+        self._seeded: dict[str, torch.Generator] = {}
+
+    def release(self, request_id: str) -> None:
+        self._seeded.pop(request_id, None)
+
+    def _generator_for(self, row: SampleInput) -> torch.Generator:
+        seed = row.params.seed
+        if seed is None:
+            return self._generator
+        generator = self._seeded.get(row.request_id)
+        if generator is None:
+            generator = self._seeded[row.request_id] = torch.Generator().manual_seed(seed)
+        return generator
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[SampleInput]) -> SamplerOutput:
+        raw = logits.float()
+        x = process_logits(raw, rows)
+        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+        tokens = x.argmax(dim=-1)
+        if x is not raw or sampled:
+            chosen = x.gather(1, tokens[:, None])[:, 0]
+            if sampled:
+                subset = x if len(sampled) == len(rows) else x[sampled]
+                sub_tokens, sub_chosen = self._sample_rows(subset, [rows[i] for i in sampled])
+                tokens[sampled], chosen[sampled] = sub_tokens, sub_chosen
+            # A row with nothing left (every logit -inf) would yield a banned or NaN pick; the raw argmax is safer.
+            dead = ~(chosen > _NEG_INF)
+            if bool(dead.any()):
+                tokens = torch.where(dead, raw.argmax(dim=-1), tokens)
+        token_ids: list[int] = tokens.tolist()
+        return SamplerOutput(token_ids, _logprobs(raw, tokens, token_ids, rows))
+
+    def _sample_rows(self, x: torch.Tensor, rows: Sequence[SampleInput]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token and its filtered logit per row. Exponential race: argmax(p / q), q ~ Exp(1), draws from p."""
+        params = [r.params for r in rows]
+        x = x / _column([max(p.temperature, _MIN_TEMPERATURE) for p in params], x.device)
+        vocab = x.shape[-1]
+        if any(0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
+            x = filter_logits(x, [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params])
+        # One CPU draw per row from that row's generator keeps seeded rows independent of the batch.
+        noise = torch.stack([torch.empty(vocab).exponential_(generator=self._generator_for(r)) for r in rows])
+        noise = noise.clamp_min_(torch.finfo(torch.float32).tiny).to(x.device)  # q == 0 would turn p == 0 into NaN
+        tokens = (x.softmax(dim=-1) / noise).argmax(dim=-1)
+        return tokens, x.gather(1, tokens[:, None])[:, 0]
+
+
+def _logprobs(
+    raw: torch.Tensor, tokens: torch.Tensor, token_ids: Sequence[int], rows: Sequence[SampleInput]
+) -> list[SampleLogprobs | None]:
+    """Logprobs of the raw distribution (OpenAI semantics): the chosen token plus the top-k, one topk call."""
+    wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    out: list[SampleLogprobs | None] = [None] * len(rows)
+    if not wanted:
+        return out
+    logprobs = torch.log_softmax(raw[wanted], dim=-1)
+    chosen = logprobs.gather(1, tokens[wanted][:, None])[:, 0].tolist()
+    max_k = max(rows[i].params.logprobs or 0 for i in wanted)
+    top_values, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (logprobs[:, :0], logprobs[:, :0].long())
+    values, ids = top_values.tolist(), top_ids.tolist()
+    for j, i in enumerate(wanted):
+        k = rows[i].params.logprobs or 0
+        top = [TokenLogprob(t, v) for t, v in zip(ids[j][:k], values[j][:k], strict=True)]
+        out[i] = SampleLogprobs(TokenLogprob(token_ids[i], chosen[j]), top)
+    return out
