@@ -23,6 +23,10 @@ from transformers import (
 
 from worker.loader import default_cache_dir, load_model
 from worker.registry import DEFAULT_SOURCE, ModelEntry
+from worker.runtime import default_threads
+
+# The worker's own rule: threads that outnumber the free cores collapse when the worker processes of a test run too.
+torch.set_num_threads(default_threads())
 
 TINY_MAX_POSITIONS = 512
 # <|endoftext|> is there because transformers loads a qwen2 directory with Qwen2Tokenizer, which adds it if missing.
