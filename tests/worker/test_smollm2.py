@@ -4,6 +4,7 @@ attention-interface contract our plug-in relies on (pinned transformers; this te
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -39,10 +40,11 @@ def model(smollm2_dir: Path) -> PreTrainedModel:
 def prompts(smollm2_dir: Path) -> dict[str, list[int]]:
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     return {
-        f"q{i}": list(
+        f"q{i}": cast(
+            list[int],
             tokenizer.apply_chat_template(
                 [{"role": "user", "content": q}], add_generation_prompt=True, return_dict=False
-            )
+            ),
         )
         for i, q in enumerate(QUESTIONS)
     }
