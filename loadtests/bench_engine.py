@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             label = f"{args.requests} mixed" if batch == "mixed" else f"batch 1 ({args.single} requests)"
             print(
                 f"| {dtype} | {label} | {base.tokens_per_s:.1f} | {ours.tokens_per_s:.1f} | "
-                f"{ours.tokens_per_s / base.tokens_per_s:.2f}x | {base.peak_rss_mib:.0f} / {ours.peak_rss_mib:.0f} MiB |"
+                f"{ours.tokens_per_s / base.tokens_per_s:.2f}x | "
+                f"{base.peak_rss_mib:.0f} / {ours.peak_rss_mib:.0f} MiB |"
             )
     if args.out:
         Path(args.out).write_text(json.dumps([asdict(r) for r in results], indent=2))

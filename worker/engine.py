@@ -193,6 +193,7 @@ class Engine:
                     [logprobs] if logprobs is not None else None,
                     num_prompt_tokens=seq.num_prompt_tokens if first else 0,
                     num_cached_tokens=seq.num_cached_tokens if first else 0,
+                    queue_seconds=seq.queue_seconds if first else 0.0,
                 )
             )
         for request_id in finished:

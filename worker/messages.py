@@ -129,6 +129,7 @@ class RequestOutput(msgspec.Struct, omit_defaults=True):
     logprobs: list[SampleLogprobs] | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    queue_seconds: float = 0.0  # on the first output: time from arrival to first schedule
     error: str | None = None
 
 

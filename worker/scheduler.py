@@ -7,6 +7,7 @@ run out, the newest running request is preempted by recompute: its blocks are fr
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -125,6 +126,7 @@ class Scheduler:
             if not bm.allocate(seq.block_table, num_cached + num_new):
                 raise RuntimeError("block accounting is inconsistent")  # checked just above
             if seq.num_preemptions == 0:
+                seq.queue_seconds = time.monotonic() - seq.arrival_time
                 seq.num_cached_tokens = num_cached
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += num_cached

@@ -7,9 +7,10 @@ recompute after preemption are all the same arithmetic.
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
-from worker.messages import SampleLogprobs, SamplingParams
+from worker.messages import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -31,7 +32,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     num_preemptions: int = 0
-    pending_logprobs: list[SampleLogprobs] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.monotonic)
+    queue_seconds: float = 0.0  # from arrival to first schedule
 
     def __post_init__(self) -> None:
         if not self.token_ids:
