@@ -4,22 +4,71 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
+
+from worker.generate import build_parser as build_generate_parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description="An OpenAI-compatible LLM inference server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="serve the models of a registry over HTTP",
+        description="Start the API process and one worker process per model in the registry. Every flag can also "
+        "be set as an environment variable TOKENMILL_<FLAG> (e.g. TOKENMILL_API_KEY).",
+    )
+    serve.add_argument("--models", help="the models.yaml registry (default: the bundled one, SmolLM2)")
+    serve.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: 8000)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API and /metrics")
+    serve.add_argument("--metrics-open", action="store_true", default=None, help="serve /metrics without the key")
+    serve.add_argument("--max-waiting-requests", type=int, help="bounded waiting queue per model; past it: 429")
+    serve.add_argument("--threads", type=int, help="torch threads per worker (default: all usable cores but one)")
+    serve.add_argument("--kv-cache-memory", help="KV cache per model, bytes or '512MiB' (default: per registry)")
+    serve.add_argument("--max-num-seqs", type=int, help="running sequences per engine step")
+    serve.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step")
+    serve.add_argument("--max-body-bytes", type=int, help="largest request body (default: 4 MiB); past it: 413")
+    serve.add_argument("--request-timeout", type=float, help="seconds before a request is aborted (default: none)")
+    serve.add_argument("--cache-dir", help="where converted weights are cached (default: ~/.cache/tokenmill)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(default: info)")
+    build_generate_parser(sub.add_parser("generate", help="generate offline (no HTTP) with a model of the registry"))
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from app.main import create_app
+    from app.settings import Settings
+    from worker.registry import RegistryError
+
+    given: dict[str, Any] = {
+        name: value
+        for name, value in vars(args).items()
+        if name not in ("command",) and value is not None and name in Settings.model_fields
+    }
+    try:
+        settings = Settings(**given)
+        app = create_app(settings)
+    except (ValidationError, RegistryError) as exc:
+        print(f"tokenmill: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=10)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tokenmill", description="An OpenAI-compatible LLM inference server.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    generate = sub.add_parser("generate", help="generate offline (no HTTP) with a model from the registry")
-    from worker.generate import build_parser
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    from worker.generate import run
 
-    build_parser(generate)
-    args = parser.parse_args(argv)
-    if args.command == "generate":
-        from worker.generate import run
-
-        return run(args)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    return run(args)
 
 
 if __name__ == "__main__":

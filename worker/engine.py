@@ -56,8 +56,10 @@ class Engine:
         max_num_batched_tokens: int = 2048,
         enable_prefix_caching: bool = True,
         seed: int = 0,
+        tokenizer_dir: str = "",
     ) -> None:
         self.name = name
+        self.tokenizer_dir = tokenizer_dir
         self.max_model_len = max_model_len
         self.eos_token_ids = sorted(set(eos_token_ids))
         self.vocab_size = int(model.config.get_text_config().vocab_size)
@@ -98,6 +100,7 @@ class Engine:
             max_num_batched_tokens=entry.max_num_batched_tokens,
             enable_prefix_caching=entry.enable_prefix_caching,
             seed=entry.seed,
+            tokenizer_dir=str(loaded.weights_path),
         )
 
     def model_info(self) -> ModelInfo:
@@ -110,6 +113,7 @@ class Engine:
             device=str(self.device),
             kv_blocks_total=self.block_manager.num_blocks,
             block_size=self.block_manager.block_size,
+            tokenizer_dir=self.tokenizer_dir,
         )
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:

@@ -164,6 +164,7 @@ class ModelInfo(msgspec.Struct, tag=True):
     device: str
     kv_blocks_total: int
     block_size: int
+    tokenizer_dir: str  # where the API process reads tokenizer.json and the chat template
 
 
 class WorkerError(msgspec.Struct, tag=True):

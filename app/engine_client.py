@@ -1,0 +1,162 @@
+"""`EngineClient`: the API process's side of one worker. Starts it, sends adds and aborts, and routes each step's
+outputs to per-request queues. One reader task per worker; token ids in, token ids out, no torch here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from worker import transport
+from worker.launcher import WorkerHandle, start_worker
+from worker.messages import (
+    AbortRequest,
+    AddRequest,
+    EngineStats,
+    ModelInfo,
+    RequestOutput,
+    SamplingParams,
+    Shutdown,
+    StepOutput,
+)
+
+log = logging.getLogger("tokenmill.engine_client")
+
+
+class WorkerGone(RuntimeError):
+    """The worker process died or closed its socket while requests were in flight."""
+
+
+@dataclass
+class RequestStream:
+    """Outputs of one engine request, in order; ends with an output that has a finish reason, or an exception."""
+
+    request_id: str
+    queue: asyncio.Queue[RequestOutput | Exception] = field(default_factory=asyncio.Queue)
+    started: bool = False  # the first output has arrived (it is no longer waiting)
+    finished: bool = False
+
+    async def next(self) -> RequestOutput:
+        item = await self.queue.get()
+        if isinstance(item, Exception):
+            self.finished = True
+            raise item
+        if item.finish_reason is not None:
+            self.finished = True
+        return item
+
+
+class EngineClient:
+    def __init__(self, name: str, models_path: Path, max_waiting_requests: int, cache_dir: Path | None = None) -> None:
+        self.name = name
+        self.models_path = models_path
+        self.max_waiting_requests = max_waiting_requests
+        self.cache_dir = cache_dir
+        self.info: ModelInfo | None = None
+        self.stats = EngineStats()
+        self.streams: dict[str, RequestStream] = {}
+        self.last_step_time = 0.0
+        self.on_step: list[Callable[[StepOutput], None]] = []
+        self.error: str | None = None
+        self._handle: WorkerHandle | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._ids = itertools.count()
+
+    @property
+    def ready(self) -> bool:
+        return self._writer is not None and self.error is None
+
+    async def start(self, start_timeout: float = 600.0) -> None:
+        handle = await asyncio.to_thread(
+            start_worker, self.models_path, self.name, cache_dir=self.cache_dir, start_timeout=start_timeout
+        )
+        self._handle = handle
+        self.info = handle.info
+        self.stats = EngineStats(kv_blocks_total=handle.info.kv_blocks_total)
+        reader, self._writer = await asyncio.open_unix_connection(sock=handle.sock)
+        self.last_step_time = time.monotonic()
+        self._reader_task = asyncio.create_task(self._read_loop(reader), name=f"tokenmill-reader-{self.name}")
+
+    async def stop(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(OSError):
+                self._writer.write(transport.encode_frame(Shutdown()))
+                await self._writer.drain()
+            self._writer.close()
+            self._writer = None
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+        if self._handle is not None:
+            await asyncio.to_thread(self._handle.close)
+            self._handle = None
+
+    def num_waiting(self) -> int:
+        """Requests accepted here that have not produced a token yet: queued in the worker or on their way."""
+        return sum(1 for stream in self.streams.values() if not stream.started)
+
+    def admit(self) -> bool:
+        return self.num_waiting() < self.max_waiting_requests
+
+    def new_request_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    async def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
+        if self._writer is None or self.error is not None:
+            raise WorkerGone(self.error or f"model '{self.name}' is not running")
+        stream = RequestStream(request_id)
+        self.streams[request_id] = stream
+        self._writer.write(transport.encode_frame(AddRequest(request_id, prompt_token_ids, params)))
+        await self._writer.drain()
+        return stream
+
+    def abort_nowait(self, request_ids: list[str]) -> None:
+        """Tell the worker to drop these requests; their streams end here at once. Never awaits, so it is safe in
+        cleanup code that runs while a task is being cancelled."""
+        live = [rid for rid in request_ids if self.streams.pop(rid, None) is not None]
+        if live and self._writer is not None:
+            with contextlib.suppress(OSError, RuntimeError):
+                self._writer.write(transport.encode_frame(AbortRequest(live)))
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                header = await reader.readexactly(4)
+                payload = await reader.readexactly(int.from_bytes(header, "big"))
+                message = transport.from_worker_decoder.decode(payload)
+                if isinstance(message, StepOutput):
+                    self._dispatch(message)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            self._fail(f"worker for model '{self.name}' exited: {exc}")
+        except Exception as exc:
+            log.exception("reader for %s failed", self.name)
+            self._fail(f"worker link for model '{self.name}' failed: {exc}")
+
+    def _dispatch(self, message: StepOutput) -> None:
+        self.stats = message.stats
+        self.last_step_time = time.monotonic()
+        for out in message.outputs:
+            stream = self.streams.get(out.request_id)
+            if stream is None:
+                continue  # aborted here already
+            stream.started = True
+            if out.finish_reason is not None:
+                del self.streams[out.request_id]
+            stream.queue.put_nowait(out)
+        for listener in self.on_step:
+            listener(message)
+
+    def _fail(self, reason: str) -> None:
+        self.error = reason
+        self._writer = None
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.queue.put_nowait(WorkerGone(reason))

@@ -1,0 +1,54 @@
+"""`create_app`: the FastAPI application. Workers start in the background, so /health answers at once and /ready
+says when every model can serve."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from app.errors import install_error_handlers
+from app.limits import BodySizeLimit
+from app.metrics import Metrics
+from app.model_pool import ModelPool
+from app.routes import health, openai, tokenize
+from app.serving import Serving
+from app.settings import Settings
+
+log = logging.getLogger("tokenmill")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    pool = ModelPool(settings.registry(), metrics, settings.cache_dir)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        starting = asyncio.create_task(pool.start(settings.worker_start_timeout))
+        starting.add_done_callback(_log_start_failure)
+        try:
+            yield
+        finally:
+            starting.cancel()
+            await pool.stop()
+
+    app = FastAPI(title="tokenmill", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.pool = pool
+    app.state.serving = Serving(pool, metrics, settings)
+    install_error_handlers(app)
+    app.include_router(openai.router)
+    app.include_router(tokenize.router)
+    app.include_router(health.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def _log_start_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a model failed to start: %s", task.exception())

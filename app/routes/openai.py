@@ -1,0 +1,31 @@
+"""OpenAI's endpoints: chat completions, completions, and the model list."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from app.dependencies import PoolDep, ServingDep, require_api_key
+from app.protocol import ChatCompletionRequest, CompletionRequest
+from app.protocol_responses import ModelCard, ModelList
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, serving: ServingDep) -> Response:
+    return await serving.chat(body, request)
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request, serving: ServingDep) -> Response:
+    return await serving.completions(body, request)
+
+
+@router.get("/models")
+async def list_models(pool: PoolDep) -> dict[str, object]:
+    cards = [
+        ModelCard(id=name, max_model_len=model.client.info.max_model_len if model.client.info else None)
+        for name, model in pool.models.items()
+    ]
+    return ModelList(data=cards).to_dict()

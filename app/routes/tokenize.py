@@ -1,0 +1,47 @@
+"""vLLM's /tokenize and /detokenize, with the served model's own tokenizer and chat template."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends
+
+from app.dependencies import PoolDep, require_api_key
+from app.errors import APIError
+from app.model_pool import ModelPool, ServedModel
+from app.protocol import DetokenizeRequest, TokenizeRequest
+from app.protocol_responses import DetokenizeResponse, TokenizeResponse
+from app.tokenizer import ChatTemplateError, Tokenizer
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+def _model(pool: ModelPool, name: str | None) -> tuple[ServedModel, Tokenizer]:
+    served = pool.get(name or next(iter(pool.models)))
+    assert served.tokenizer is not None
+    return served, served.tokenizer
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, pool: PoolDep) -> dict[str, object]:
+    served, tokenizer = _model(pool, body.model)
+    if body.messages is not None:
+        messages = [m.to_template() for m in body.messages]
+        try:
+            text = await asyncio.to_thread(tokenizer.render_chat, messages, body.add_generation_prompt)
+        except ChatTemplateError as exc:
+            raise APIError.invalid_request(str(exc), param="messages") from exc
+    else:
+        text = body.prompt or ""
+    tokens = tokenizer.encode(text, add_special_tokens=body.special_tokens)
+    return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=served.info.max_model_len).to_dict()
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, pool: PoolDep) -> dict[str, object]:
+    served, tokenizer = _model(pool, body.model)
+    vocab = served.info.vocab_size
+    bad = [t for t in body.tokens if t >= vocab]
+    if bad:
+        raise APIError.invalid_request(f"token ids outside the vocabulary [0, {vocab}): {bad[:5]}", param="tokens")
+    return DetokenizeResponse(prompt=tokenizer.decode(body.tokens, skip_special_tokens=False)).to_dict()

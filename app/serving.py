@@ -1,0 +1,242 @@
+"""Chat and text completions: template and tokenize, validate against the context, admit, run, and answer as one
+JSON body or as SSE chunks built from the protocol models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from app.errors import APIError
+from app.generation import Delta, Generation, cancel_on_disconnect
+from app.logprobs import chat_logprobs, completion_logprobs
+from app.metrics import Metrics
+from app.model_pool import ModelPool, ServedModel
+from app.protocol import ChatCompletionRequest, CompletionRequest
+from app.protocol_responses import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionResponse,
+    Usage,
+    new_id,
+)
+from app.settings import Settings
+from app.tokenizer import ChatTemplateError
+from worker.messages import SamplingParams
+
+SSE_DONE = "data: [DONE]\n\n"
+SSE_KEEPALIVE = ": keep-alive\n\n"
+ChunkBuilder = Callable[[Delta], str]
+
+
+class Serving:
+    def __init__(self, pool: ModelPool, metrics: Metrics, settings: Settings) -> None:
+        self.pool = pool
+        self.metrics = metrics
+        self.settings = settings
+
+    def _admit(self, model_name: str) -> ServedModel:
+        served = self.pool.get(model_name)
+        if not served.client.admit():
+            self.metrics.rejected.labels(served.name, "queue_full").inc()
+            raise APIError.rate_limited(
+                f"model '{served.name}' has {served.client.max_waiting_requests} requests waiting; retry shortly",
+                retry_after=1,
+            )
+        return served
+
+    def _params(self, served: ServedModel, prompts: list[list[int]], body: Any) -> SamplingParams:
+        limit = served.info.max_model_len
+        longest = max(len(p) for p in prompts)
+        params: SamplingParams = body.to_sampling_params(max(1, limit - longest))
+        if longest + params.max_tokens > limit:
+            raise APIError.context_length_exceeded(limit, longest, params.max_tokens)
+        return params
+
+    def _generation(self, served: ServedModel, prompts: list[list[int]], body: Any) -> Generation:
+        params = self._params(served, prompts, body)
+        timeout = body.timeout or self.settings.request_timeout
+        if body.timeout and self.settings.request_timeout:
+            timeout = min(body.timeout, self.settings.request_timeout)
+        return Generation(
+            served, prompts, params, body.n, body.stop_strings, self.metrics, timeout, self.settings.keepalive_seconds
+        )
+
+    # --- chat ----------------------------------------------------------------------------------------------------
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        served = self._admit(body.model)
+        tokenizer = served.tokenizer
+        assert tokenizer is not None
+        messages = [m.to_template() for m in body.messages]
+        try:
+            prompt = await asyncio.to_thread(tokenizer.apply_chat_template, messages, True)
+        except ChatTemplateError as exc:
+            raise APIError.invalid_request(str(exc), param="messages") from exc
+        gen = self._generation(served, [prompt], body)
+        response_id = new_id("chatcmpl")
+        want_logprobs = body.logprobs
+
+        if body.stream:
+
+            def first(index: int) -> str:
+                choice = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
+                return ChatCompletionChunk(id=response_id, model=served.name, choices=[choice]).to_sse()
+
+            def chunk(delta: Delta) -> str:
+                logprobs = chat_logprobs(delta.choice.detok, delta.logprobs) if want_logprobs else None
+                choice = ChatChunkChoice(
+                    index=delta.choice.index,
+                    delta=ChatDelta(content=delta.text)
+                    if delta.text or not delta.choice.finish_reason
+                    else ChatDelta(),
+                    logprobs=logprobs,
+                    finish_reason=_finish(delta.choice.finish_reason),
+                )
+                return ChatCompletionChunk(id=response_id, model=served.name, choices=[choice]).to_sse()
+
+            def usage() -> str:
+                return ChatCompletionChunk(id=response_id, model=served.name, choices=[], usage=_usage(gen)).to_sse()
+
+            prelude = [first(c.index) for c in gen.choices]
+            return self._stream(gen, prelude, chunk, usage if body.include_usage else None)
+
+        await self._collect(gen, request)
+        choices = [
+            ChatChoice(
+                index=c.index,
+                message=ChatResponseMessage(content=c.detok.text),
+                logprobs=chat_logprobs(c.detok, c.logprobs[: c.num_tokens]) if want_logprobs else None,
+                finish_reason=_finish(c.finish_reason) or "stop",
+            )
+            for c in gen.choices
+        ]
+        out = ChatCompletionResponse(id=response_id, model=served.name, choices=choices, usage=_usage(gen))
+        return JSONResponse(out.to_dict())
+
+    # --- completions ---------------------------------------------------------------------------------------------
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        served = self._admit(body.model)
+        tokenizer = served.tokenizer
+        assert tokenizer is not None
+        prompts = [p if isinstance(p, list) else tokenizer.encode(p) for p in body.prompts()]
+        if any(not p for p in prompts):
+            raise APIError.invalid_request("prompt is empty", param="prompt")
+        vocab = served.info.vocab_size
+        if any(t >= vocab for p in prompts for t in p):
+            raise APIError.invalid_request(f"prompt has token ids outside the vocabulary [0, {vocab})", param="prompt")
+        gen = self._generation(served, prompts, body)
+        response_id = new_id("cmpl")
+        echo = [tokenizer.decode(p, skip_special_tokens=False) if body.echo else "" for p in prompts]
+        want_logprobs = body.logprobs is not None
+
+        if body.stream:
+            offsets = {c.index: len(echo[c.prompt_index]) for c in gen.choices}
+
+            def chunk(delta: Delta) -> str:
+                choice = delta.choice
+                logprobs = None
+                if want_logprobs:
+                    logprobs = completion_logprobs(choice.detok, delta.logprobs, offsets[choice.index])
+                offsets[choice.index] += len(delta.text)
+                out = CompletionChoice(
+                    index=choice.index,
+                    text=delta.text,
+                    logprobs=logprobs,
+                    finish_reason=_finish(choice.finish_reason),
+                )
+                return CompletionResponse(id=response_id, model=served.name, choices=[out]).to_sse()
+
+            def usage() -> str:
+                return CompletionResponse(id=response_id, model=served.name, choices=[], usage=_usage(gen)).to_sse()
+
+            prelude = [
+                CompletionResponse(
+                    id=response_id,
+                    model=served.name,
+                    choices=[CompletionChoice(index=c.index, text=echo[c.prompt_index])],
+                ).to_sse()
+                for c in gen.choices
+                if echo[c.prompt_index]
+            ]
+            return self._stream(gen, prelude, chunk, usage if body.include_usage else None)
+
+        await self._collect(gen, request)
+        choices = [
+            CompletionChoice(
+                index=c.index,
+                text=echo[c.prompt_index] + c.detok.text,
+                logprobs=completion_logprobs(c.detok, c.logprobs[: c.num_tokens], len(echo[c.prompt_index]))
+                if want_logprobs
+                else None,
+                finish_reason=_finish(c.finish_reason) or "stop",
+            )
+            for c in gen.choices
+        ]
+        out = CompletionResponse(id=response_id, model=served.name, choices=choices, usage=_usage(gen))
+        return JSONResponse(out.to_dict())
+
+    # --- shared --------------------------------------------------------------------------------------------------
+
+    async def _collect(self, gen: Generation, request: Request) -> None:
+        """Run to the end; a client that disconnects meanwhile aborts every choice."""
+        gen.start()
+
+        async def consume() -> None:
+            async for _ in gen.events():
+                pass
+
+        async with cancel_on_disconnect(request.receive) as disconnected:
+            work = asyncio.create_task(consume())
+            await asyncio.wait({work, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                work.cancel()
+                gen.close()
+                raise APIError(499, "client closed the request", code="client_closed")
+            work.result()
+
+    def _stream(
+        self, gen: Generation, prelude: list[str], chunk: ChunkBuilder, usage: Callable[[], str] | None
+    ) -> StreamingResponse:
+        gen.start()
+
+        async def body() -> AsyncIterator[str]:
+            try:
+                for event in prelude:
+                    yield event
+                async for delta in gen.events():
+                    if delta is None:
+                        yield SSE_KEEPALIVE
+                    elif delta.text or delta.choice.finish_reason or delta.logprobs:
+                        yield chunk(delta)
+                if usage is not None:
+                    yield usage()
+            except APIError as exc:
+                yield f"data: {exc.to_body().to_json()}\n\n"
+            finally:
+                gen.close()
+            yield SSE_DONE
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+def _finish(reason: str | None) -> Any:
+    """The engine's reasons map onto OpenAI's; an abort only reaches a client that is still there by a timeout."""
+    if reason is None:
+        return None
+    return "length" if reason == "length" else "stop"
+
+
+def _usage(gen: Generation) -> Usage:
+    return Usage.of(gen.num_prompt_tokens, gen.num_completion_tokens, gen.num_cached_tokens)

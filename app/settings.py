@@ -1,0 +1,50 @@
+"""Server settings, validated once at start: command-line flags over `TOKENMILL_*` environment variables over defaults.
+
+Engine knobs given here override the same fields of every entry in models.yaml.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.registry import DEFAULT_REGISTRY, Registry, load_registry, parse_size
+
+ENGINE_OVERRIDES = ("max_waiting_requests", "threads", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOKENMILL_", extra="forbid")
+
+    models: Path = DEFAULT_REGISTRY
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_key: str | None = None
+    metrics_open: bool = False  # serve /metrics without the API key
+    cache_dir: Path | None = None
+    max_waiting_requests: int | None = Field(default=None, ge=0)
+    threads: int | None = Field(default=None, ge=1)
+    kv_cache_memory: int | None = Field(default=None, gt=0)
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    max_num_batched_tokens: int | None = Field(default=None, ge=16)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    request_timeout: float | None = Field(default=None, gt=0)  # seconds; a request's own `timeout` may lower it
+    keepalive_seconds: float = Field(default=15.0, gt=0)
+    worker_start_timeout: float = Field(default=600.0, gt=0)
+    log_level: str = "info"
+
+    @field_validator("kv_cache_memory", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return parse_size(value) if isinstance(value, str) else value
+
+    def registry(self) -> Registry:
+        """models.yaml with this server's engine overrides applied to every entry."""
+        registry = load_registry(self.models)
+        update = {name: getattr(self, name) for name in ENGINE_OVERRIDES if getattr(self, name) is not None}
+        if not update:
+            return registry
+        return Registry(models=[entry.model_copy(update=update) for entry in registry.models])

@@ -1,0 +1,115 @@
+"""The API process's tokenizer: `tokenizers` plus a sandboxed Jinja chat template, with no transformers import.
+
+transformers' tokenizer classes import torch when it is installed, and the API process must stay torch-free (and
+small). This reads the same files (tokenizer.json, tokenizer_config.json, chat_template.jinja) and renders chat
+templates the way transformers does: a sandboxed Jinja environment, then encoding without added special tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as FastTokenizer
+
+
+class ChatTemplateError(ValueError):
+    """The conversation cannot be rendered (the template raised, or the model has no template)."""
+
+
+def _raise(message: str) -> None:
+    raise ChatTemplateError(message)
+
+
+def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, sort_keys: bool = False) -> str:
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        content = value.get("content")
+        return str(content) if content is not None else None
+    return str(value) if value is not None else None
+
+
+class Tokenizer:
+    def __init__(self, fast: FastTokenizer, config: dict[str, Any], chat_template: str | None) -> None:
+        self.fast = fast
+        self.config = config
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.special_ids = frozenset(
+            token_id for token_id, added in fast.get_added_tokens_decoder().items() if added.special
+        )
+        self.chat_template = chat_template
+        self._template: jinja2.Template | None = None
+        if chat_template is not None:
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            )
+            env.filters["tojson"] = _tojson
+            env.globals["raise_exception"] = _raise
+            env.globals["strftime_now"] = _strftime_now
+            self._template = env.from_string(chat_template)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, chat_template_file: str | Path | None = None) -> Tokenizer:
+        path = Path(path)
+        fast = FastTokenizer.from_file(str(path / "tokenizer.json"))
+        config_path = path / "tokenizer_config.json"
+        config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.exists() else {}
+        template: str | None = None
+        if chat_template_file is not None:
+            template = Path(chat_template_file).read_text()
+        elif (path / "chat_template.jinja").exists():
+            template = (path / "chat_template.jinja").read_text()
+        elif isinstance(config.get("chat_template"), str):
+            template = config["chat_template"]
+        return cls(fast, config, template)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.fast.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.fast.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(
+        self, token_ids: list[int], skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool = False
+    ) -> str:
+        """`clean_up_tokenization_spaces` is accepted for transformers' signature; tokenizer.json decoders need none."""
+        return str(self.fast.decode(token_ids, skip_special_tokens=skip_special_tokens))
+
+    def convert_ids_to_tokens(self, token_ids: int | list[int]) -> str | list[str]:
+        if isinstance(token_ids, int):
+            return self.fast.id_to_token(token_ids) or ""
+        return [self.fast.id_to_token(t) or "" for t in token_ids]
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> str:
+        if self._template is None:
+            raise ChatTemplateError("this model has no chat template; use /v1/completions or set chat_template")
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                **extra,
+            )
+        except ChatTemplateError:
+            raise
+        except jinja2.TemplateError as exc:
+            raise ChatTemplateError(f"the chat template failed: {exc}") from exc
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
+    ) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt, **extra), add_special_tokens=False)
