@@ -1,0 +1,75 @@
+"""README's curl and OpenAI SDK examples, run as written against a real server serving the default registry."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tests.server_harness import REPO, Server, start_server
+
+pytestmark = pytest.mark.slow
+
+EXAMPLE = re.compile(r"<!-- example: (?P<name>[\w-]+) -->\n```(?P<lang>\w+)\n(?P<code>.*?)```", re.DOTALL)
+
+
+def examples() -> dict[str, str]:
+    return {m["name"]: m["code"] for m in EXAMPLE.finditer((REPO / "README.md").read_text())}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    logs = tmp_path_factory.mktemp("logs")
+    server = start_server(REPO / "models.yaml", logs, "--kv-cache-memory", "256MiB")
+    yield server
+    assert server.stop() == 0
+
+
+def run_example(code: str, server: Server, shell: list[str]) -> str:
+    code = code.replace("http://127.0.0.1:8000", server.base_url)
+    result = subprocess.run([*shell, code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_readme_has_the_examples() -> None:
+    assert {"curl-chat", "curl-stream", "curl-completions", "python-sdk"} <= examples().keys()
+
+
+def test_curl_chat(server: Server) -> None:
+    reply = json.loads(run_example(examples()["curl-chat"], server, ["bash", "-c"]))
+    assert "Paris" in reply["choices"][0]["message"]["content"]
+    assert reply["usage"]["completion_tokens"] > 0
+
+
+def test_curl_stream(server: Server) -> None:
+    out = run_example(examples()["curl-stream"], server, ["bash", "-c"])
+    events = [line for line in out.split("\n\n") if line]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert len(text) > 10
+
+
+def test_curl_completions(server: Server) -> None:
+    reply = json.loads(run_example(examples()["curl-completions"], server, ["bash", "-c"]))
+    choice = reply["choices"][0]
+    assert reply["object"] == "text_completion"
+    assert "." not in choice["text"]
+
+
+def test_python_sdk(server: Server) -> None:
+    out = run_example(examples()["python-sdk"], server, [sys.executable, "-c"])
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 and all(line.strip() for line in lines)
+
+
+def test_models_list_names_the_default(server: Server) -> None:
+    with server.client() as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["smollm2"]
