@@ -1,0 +1,332 @@
+"""OpenAI's request bodies as pydantic models: what a client may send, validated once, then mapped to sampling params.
+
+Unknown fields are rejected, never dropped; fields OpenAI documents that we do not support yet are named in the error.
+Responses and stream chunks live in `app.protocol_responses`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from worker.messages import InvalidRequest, SamplingParams
+
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]+")
+
+
+def invalid(param: str, message: str, code: str = "invalid_value") -> PydanticCustomError:
+    """A validation error for `param` (relative to where it is raised); `app.errors` reads param and code from ctx."""
+    return PydanticCustomError("invalid_request", "{message}", {"message": message, "param": param, "code": code})
+
+
+def _unsupported_error(name: str) -> PydanticCustomError:
+    return invalid(name, f"'{name}' is not supported by this server yet", "unsupported_parameter")
+
+
+def _check_stop(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        if "" in value:
+            raise invalid("", "'stop' strings must not be empty")
+        return value
+    raise invalid("", "'stop' must be a string or a list of strings")
+
+
+def _check_prompt(value: Any) -> Any:
+    if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(i, str) for i in value)):
+        return value
+    if isinstance(value, list) and value and all(_is_token_ids(item) for item in value):
+        return value
+    if _is_token_ids(value):
+        return value
+    raise invalid(
+        "",
+        "'prompt' must be a string, a list of strings, a non-empty list of token ids or a list of non-empty lists of"
+        " token ids",
+    )
+
+
+def _is_token_ids(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
+    )
+
+
+Stop = Annotated[str | list[str] | None, BeforeValidator(_check_stop)]
+Prompt = Annotated[str | list[str] | list[int] | list[list[int]], BeforeValidator(_check_prompt)]
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextContentPart(_Strict):
+    type: str
+    text: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise invalid("", f"content parts of type '{value}' are not supported yet; only 'text'")
+        return value
+
+
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ChatMessage(_Strict):
+    """One message of a conversation. Assistant tool calls and tool results are accepted as data for the template."""
+
+    role: Role
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None  # sent back by clients that replay an earlier assistant message
+    annotations: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_role_fields(self) -> Self:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise invalid("tool_calls", "only assistant messages may carry tool_calls")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise invalid("tool_call_id", "only tool messages may carry tool_call_id")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise invalid("tool_call_id", "a tool message needs the tool_call_id it answers")
+        if self.content is None and not (self.role == "assistant" and (self.tool_calls or self.refusal)):
+            raise invalid("content", f"a {self.role} message needs content")
+        return self
+
+    def text(self) -> str:
+        """The content as one string: text parts joined by newlines."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+    def to_template(self) -> dict[str, Any]:
+        """The message as a chat template expects it; 'developer' becomes 'system', which templates know."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+# Fields OpenAI documents that we do not support yet: rejected by name unless null or one of these no-op values.
+_CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "parallel_tool_calls": (True, False),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    "audio": (),
+    "prediction": (),
+    "web_search_options": (),
+    "store": (False,),
+    "metadata": (),
+    "service_tier": ("auto", "default"),
+    "reasoning_effort": (),
+}
+_COMPLETION_UNSUPPORTED: dict[str, tuple[Any, ...]] = {"suffix": ("",)}
+
+
+def _drop_no_ops(data: Any, unsupported: dict[str, tuple[Any, ...]]) -> Any:
+    """Removes unsupported fields whose value asks for nothing; any other value is rejected by name."""
+    if not isinstance(data, dict):
+        return data
+    kept: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in unsupported:
+            kept[name] = value
+        elif value is not None and not any(type(value) is type(ok) and value == ok for ok in unsupported[name]):
+            raise _unsupported_error(name)
+    return kept
+
+
+class _SamplingRequest(_Strict):
+    """The fields chat and completions share, and their mapping to the worker's sampling params (None: the default)."""
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = Field(default=1, ge=1, le=128)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    timeout: float | None = Field(default=None, gt=0)  # ours: seconds before the request is aborted
+    # vLLM's extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
+    stop_token_ids: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _check_stream_options(self) -> Self:
+        if self.stream_options is not None and not self.stream:
+            raise invalid("stream_options", "stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def _sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_k=self.top_k or 0,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            min_p=self.min_p or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=_token_id_keys(self.logit_bias or {}),
+            seed=self.seed,
+            logprobs=logprobs,
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+        )
+
+
+def _token_id_keys(logit_bias: dict[str, float]) -> dict[int, float]:
+    biases: dict[int, float] = {}
+    for key, bias in logit_bias.items():
+        if not _TOKEN_ID_KEY.fullmatch(key):
+            raise InvalidRequest("logit_bias", f"key {key!r} is not a token id (an integer, as a string)")
+        biases[int(key)] = float(bias)
+    return biases
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = Field(default=False, strict=True)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unsupported(cls, data: Any) -> Any:
+        return _drop_no_ops(data, _CHAT_UNSUPPORTED)
+
+    @model_validator(mode="after")
+    def _check_chat(self) -> Self:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise invalid("top_logprobs", "top_logprobs needs logprobs to be true")
+        both = self.max_tokens is not None and self.max_completion_tokens is not None
+        if both and self.max_tokens != self.max_completion_tokens:
+            raise invalid("max_completion_tokens", "max_tokens and max_completion_tokens disagree; send only one")
+        return self
+
+    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        """`default_max_tokens` applies when the request sets no limit (typically what is left of the context)."""
+        max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
+        return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions. A list prompt is a batch: each prompt gets `n` choices."""
+
+    prompt: Prompt
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions; null: default_max_tokens
+    logprobs: int | None = Field(default=None, ge=0, le=5, strict=True)  # true/false would be the chat API's
+    echo: bool = False
+    best_of: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unsupported(cls, data: Any) -> Any:
+        return _drop_no_ops(data, _COMPLETION_UNSUPPORTED)
+
+    @model_validator(mode="after")
+    def _check_best_of(self) -> Self:
+        if self.best_of is not None and self.best_of != self.n:
+            raise invalid("best_of", "best_of is not supported yet (only best_of equal to n)")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a batch: one string or list of token ids per prompt."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if isinstance(self.prompt[0], int):
+            return [[item for item in self.prompt if isinstance(item, int)]]
+        return [item for item in self.prompt if not isinstance(item, int)]
+
+    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        """`default_max_tokens` applies when the request sends max_tokens: null (absent means OpenAI's 16)."""
+        max_tokens = self.max_tokens if self.max_tokens is not None else default_max_tokens
+        return self._sampling_params(max_tokens, self.logprobs)
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: either a plain `prompt` or chat `messages` rendered with the model's template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (the template adds them)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> Self:
+        if (self.prompt is None) == (self.messages is None):
+            raise invalid("prompt", "send exactly one of 'prompt' or 'messages'")
+        if self.prompt is not None and "add_generation_prompt" in self.model_fields_set:
+            raise invalid("add_generation_prompt", "add_generation_prompt applies to messages only")
+        return self
+
+    @property
+    def special_tokens(self) -> bool:
+        """Whether the tokenizer adds its special tokens (BOS...) around the text."""
+        if self.add_special_tokens is not None:
+            return self.add_special_tokens
+        return self.prompt is not None
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]

@@ -1,0 +1,224 @@
+"""OpenAI's response bodies, stream chunks and errors as pydantic models: every JSON body the API sends is one of these.
+
+`to_json()` omits unset optional fields as OpenAI does, but keeps those OpenAI always sends, even as null.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+SSE_DONE = "data: [DONE]\n\n"
+_LOWEST_LOGPROB = -9999.0  # JSON has no -inf; vLLM sends this instead
+
+
+def _finite_logprob(value: float) -> float:
+    return value if math.isfinite(value) else _LOWEST_LOGPROB
+
+
+Logprob = Annotated[float, AfterValidator(_finite_logprob)]
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def new_id(prefix: str) -> str:
+    """A response id in OpenAI's style: 'chatcmpl-...', 'cmpl-...'."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class _Response(BaseModel):
+    # Fields serialized even when None (OpenAI always sends them); every other None field is omitted.
+    ALWAYS: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _keep_always(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if not self.ALWAYS:
+            return data
+        return {name: data.get(name) for name in type(self).model_fields if name in data or name in self.ALWAYS}
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+    def to_sse(self) -> str:
+        """One server-sent event carrying this object; end a stream with `SSE_DONE`."""
+        return f"data: {self.to_json()}\n\n"
+
+
+# --- usage and logprobs ------------------------------------------------------------------------------------------
+
+
+class PromptTokensDetails(_Response):
+    cached_tokens: int = 0
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> Usage:
+        details = None if cached_tokens is None else PromptTokensDetails(cached_tokens=cached_tokens)
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=details,
+        )
+
+
+class TopLogprob(_Response):
+    ALWAYS = frozenset({"bytes"})
+    token: str
+    logprob: Logprob
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(_Response):
+    """One generated token of a chat choice: its text, logprob, UTF-8 bytes and the top alternatives."""
+
+    ALWAYS = frozenset({"bytes"})
+    token: str
+    logprob: Logprob
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(_Response):
+    content: list[ChatTokenLogprob] = Field(default_factory=list)
+
+
+class CompletionLogprobs(_Response):
+    """The legacy completions shape: parallel lists, one entry per token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[Logprob | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, Logprob] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+# --- chat completions --------------------------------------------------------------------------------------------
+
+
+class ChatResponseMessage(_Response):
+    ALWAYS = frozenset({"content"})
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(_Response):
+    ALWAYS = frozenset({"logprobs"})
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletionResponse(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(_Response):
+    """A stream's increment: the role in a choice's first chunk, then content; absent fields are omitted."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Response):
+    ALWAYS = frozenset({"logprobs", "finish_reason"})
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(_Response):
+    """One SSE event of a chat stream; the usage chunk at the end has no choices."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+# --- completions -------------------------------------------------------------------------------------------------
+
+
+class CompletionChoice(_Response):
+    ALWAYS = frozenset({"logprobs", "finish_reason"})
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class CompletionResponse(_Response):
+    """A completions response, and also each event of a completions stream (OpenAI uses one shape for both)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+# --- models, tokenize, errors ------------------------------------------------------------------------------------
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "tokenmill"
+    max_model_len: int | None = None  # vLLM's extension
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(_Response):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
+
+
+class ErrorDetail(_Response):
+    ALWAYS = frozenset({"param", "code"})
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Response):
+    error: ErrorDetail
