@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
 import socket
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-from worker import transport
+from worker import faults, transport
 from worker.engine import Engine
 from worker.loader import load_model
 from worker.messages import (
@@ -88,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         configure_threads(entry.threads)
         loaded = load_model(entry, Path(args.cache_dir) if args.cache_dir else None)
         engine = Engine.from_loaded(loaded, entry)
+        if os.environ.get(faults.ENV):
+            log.warning("test fault injection is on: %s", os.environ[faults.ENV])
+            engine.fault_hook = faults.fault_hook(os.environ[faults.ENV])
     except Exception as exc:
         log.exception("could not start the model")
         transport.send(sock, WorkerError(f"{type(exc).__name__}: {exc}"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import psutil
@@ -74,6 +74,7 @@ class Engine:
         self.pending: list[RequestOutput] = []  # outputs owed to the client outside a forward (aborts)
         self.step_count = 0
         self._arrivals = 0
+        self.fault_hook: Callable[[list[str]], None] | None = None  # tests inject step failures through it
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, entry: ModelEntry) -> Engine:
@@ -164,7 +165,19 @@ class Engine:
         outputs, self.pending = self.pending, []
         plan = self.scheduler.schedule()
         if plan.scheduled:
-            outputs.extend(self._run(plan))
+            try:
+                outputs.extend(self._run(plan))
+            except (torch.OutOfMemoryError, MemoryError) as exc:
+                # The largest request goes; the others were not advanced and simply run again next step.
+                victim = max(plan.scheduled, key=lambda item: item.seq.num_tokens).seq
+                log.warning(
+                    "out of memory in a step of %d requests; failing %s", len(plan.scheduled), victim.request_id
+                )
+                outputs.append(self._fail(victim, f"out of memory while running this request ({exc}); retry shorter"))
+            except Exception as exc:
+                log.exception("step %d failed; failing its %d requests", self.step_count + 1, len(plan.scheduled))
+                message = f"the model failed on this request: {type(exc).__name__}: {exc}"
+                outputs.extend(self._fail(item.seq, message) for item in plan.scheduled)
         self.step_count += 1
         return StepOutput(self.step_count, outputs, self.stats(plan.num_batched_tokens, time.perf_counter() - start))
 
@@ -179,6 +192,8 @@ class Engine:
             )
             if item.sample:
                 rows.append(self._sample_input(seq))
+        if self.fault_hook is not None:
+            self.fault_hook([item.seq.request_id for item in plan.scheduled])
         logits = self.runner.execute(items)
         sampled = self.sampler.sample(logits, rows) if rows else None
         tokens = dict(zip((row.request_id for row in rows), sampled.token_ids, strict=True)) if sampled else {}
@@ -204,6 +219,15 @@ class Engine:
             del self.requests[request_id]
             self.sampler.release(request_id)
         return outputs
+
+    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
+        """End a request with an error and free its blocks; the engine keeps serving the others."""
+        if seq.request_id in self.requests:
+            del self.requests[seq.request_id]
+            self.scheduler.abort(seq)
+            seq.finish_reason = "error"
+            self.sampler.release(seq.request_id)
+        return RequestOutput(seq.request_id, [], "error", error=message)
 
     def _sample_input(self, seq: Sequence) -> SampleInput:
         params = seq.params

@@ -1,0 +1,61 @@
+"""A step that fails fails only its own requests; out of memory costs the largest request; the engine goes on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from tests.worker.engine_harness import drain, make_engine, random_prompts, reference, run_all
+from worker.faults import fault_hook
+from worker.messages import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_dir: Path) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+
+def test_failed_step_fails_its_requests_and_frees_blocks(model: PreTrainedModel) -> None:
+    engine = make_engine(model)
+    engine.fault_hook = fault_hook("raise:boom")
+    prompts = random_prompts(int(model.config.vocab_size), [5, 9], seed=1)
+    engine.add_request("ok-first", prompts["r0"], GREEDY)
+    engine.step()  # ok-first is running alone
+    engine.add_request("boom", prompts["r1"], GREEDY)
+    out = engine.step()  # ok-first decodes in the same step as boom's prefill: both fail
+    errors = {o.request_id: o.error for o in out.outputs if o.finish_reason == "error"}
+    assert set(errors) == {"ok-first", "boom"}
+    assert all(message and "injected fault" in message for message in errors.values())
+    assert engine.block_manager.num_used_blocks == 0 and not engine.has_work()
+    # the engine keeps serving, with exact outputs
+    again = run_all(engine, {"later": prompts["r0"]}, GREEDY)
+    assert again.tokens["later"] == reference(model, prompts["r0"], GREEDY.max_tokens)
+
+
+def test_out_of_memory_fails_the_largest_request_only(model: PreTrainedModel) -> None:
+    engine = make_engine(model)
+    prompts = random_prompts(int(model.config.vocab_size), [4, 30, 7], seed=2)
+    engine.add_request("small-oom", prompts["r0"], GREEDY)
+    engine.add_request("big", prompts["r1"], GREEDY)
+    engine.add_request("mid", prompts["r2"], GREEDY)
+    engine.fault_hook = fault_hook("oom:oom")
+    first = engine.step()
+    assert [(o.request_id, o.finish_reason) for o in first.outputs] == [("big", "error")]
+    assert first.outputs[0].error is not None and "out of memory" in first.outputs[0].error
+    # the step keeps failing while small-oom runs: the largest remaining request goes each time
+    second = engine.step()
+    assert [(o.request_id, o.finish_reason) for o in second.outputs] == [("mid", "error")]
+    engine.fault_hook = None
+    run = drain(engine)
+    assert run.tokens["small-oom"] == reference(model, prompts["r0"], GREEDY.max_tokens)
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_fault_spec_is_validated() -> None:
+    with pytest.raises(ValueError, match="TOKENMILL_TEST_FAULT"):
+        fault_hook("explode")
