@@ -32,7 +32,9 @@ def completion_logprobs(detok: IncrementalDetokenizer, items: list[SampleLogprob
         token = detok.token_text(item.chosen.token_id)
         out.tokens.append(token)
         out.token_logprobs.append(item.chosen.logprob)
-        out.top_logprobs.append({detok.token_text(alt.token_id): alt.logprob for alt in item.top})
+        top = {detok.token_text(alt.token_id): alt.logprob for alt in item.top}
+        top.setdefault(token, item.chosen.logprob)  # OpenAI: the sampled token is always there (up to k + 1)
+        out.top_logprobs.append(top)
         out.text_offset.append(offset)
         offset += len(token)
     return out
