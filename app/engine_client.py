@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from worker import transport
 from worker.launcher import WorkerHandle, start_worker
@@ -61,6 +62,7 @@ class EngineClient:
         self.info: ModelInfo | None = None
         self.stats = EngineStats()
         self.streams: dict[str, RequestStream] = {}
+        self._admitting: set[asyncio.Task[Any]] = set()  # admitted API requests with nothing submitted yet
         self.last_step_time = 0.0
         self.on_step: list[Callable[[StepOutput], None]] = []
         self.error: str | None = None
@@ -101,19 +103,40 @@ class EngineClient:
 
     def num_waiting(self) -> int:
         """Requests accepted here that have not produced a token yet: queued in the worker or on their way."""
-        return sum(1 for stream in self.streams.values() if not stream.started)
+        return len(self._admitting) + sum(1 for stream in self.streams.values() if not stream.started)
 
     def admit(self) -> bool:
-        return self.num_waiting() < self.max_waiting_requests
+        """Takes a waiting slot for the calling request, held until `admitted` (or until the request's task ends).
+
+        A request awaits (chat template, tokenizing) between admission and submission; without the slot, a burst
+        would all pass the check before any of it counts as waiting.
+        """
+        if self.num_waiting() >= self.max_waiting_requests:
+            return False
+        task = asyncio.current_task()
+        if task is not None and task not in self._admitting:
+            self._admitting.add(task)
+            task.add_done_callback(self._admitting.discard)
+        return True
+
+    def admitted(self) -> None:
+        """The calling request's streams are open (`open_stream`), so they count as waiting instead of its slot."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._admitting.discard(task)
+
+    def open_stream(self, request_id: str) -> RequestStream:
+        """Registers a request's stream before it is submitted, so it counts as waiting from now on."""
+        return self.streams.setdefault(request_id, RequestStream(request_id))
 
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
 
     async def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
         if self._writer is None or self.error is not None:
+            self.streams.pop(request_id, None)
             raise WorkerGone(self.error or f"model '{self.name}' is not running")
-        stream = RequestStream(request_id)
-        self.streams[request_id] = stream
+        stream = self.open_stream(request_id)
         self._writer.write(transport.encode_frame(AddRequest(request_id, prompt_token_ids, params)))
         await self._writer.drain()
         return stream

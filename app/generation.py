@@ -68,6 +68,7 @@ class Generation:
         keepalive: float,
     ) -> None:
         assert served.tokenizer is not None
+        _check_vocabulary(params, served.info.vocab_size)
         self.served = served
         self.client = served.client
         self.prompts = prompts
@@ -104,11 +105,17 @@ class Generation:
         return sum(c.num_tokens for c in self.choices)
 
     def start(self) -> None:
+        """Call it from the request's own task: the waiting slot `admit` took passes to the leaders' streams."""
         leaders: dict[int, Choice] = {}
         for choice in self.choices:
             leader = leaders.setdefault(choice.prompt_index, choice)
-            wait_for = None if leader is choice else leader.started
+            wait_for = None
+            if leader is choice:
+                self.client.open_stream(choice.request_id)
+            else:
+                wait_for = leader.started
             self._tasks.append(asyncio.create_task(self._pump(choice, wait_for)))
+        self.client.admitted()
 
     async def _pump(self, choice: Choice, wait_for: asyncio.Event | None) -> None:
         try:
@@ -212,6 +219,15 @@ class Generation:
             self.abort("client_disconnect")
         for task in self._tasks:
             task.cancel()
+
+
+def _check_vocabulary(params: SamplingParams, vocab: int) -> None:
+    """Token ids the worker would refuse, refused here with the field named, before anything is queued."""
+    for name, ids in (("logit_bias", list(params.logit_bias)), ("stop_token_ids", params.stop_token_ids)):
+        bad = [t for t in ids if t >= vocab]
+        if bad:
+            message = f"{name} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}"
+            raise APIError.invalid_request(message, param=name, code="invalid_value")
 
 
 async def watch_disconnect(receive: object) -> None:

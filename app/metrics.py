@@ -13,6 +13,10 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+# The label values the app uses, created at zero with each model (other values still appear when first used).
+FINISHED_REASONS = ("stop", "length")
+REJECTED_REASONS = ("queue_full",)
+ABORTED_REASONS = ("client_disconnect", "timeout")
 
 
 class Metrics:
@@ -65,6 +69,22 @@ class Metrics:
             family.labels(model)
         for family in (self.preemptions, self.prefix_queries, self.prefix_hits):
             family.labels(model)
+        for histogram in (
+            self.ttft,
+            self.itl,
+            self.e2e,
+            self.queue_time,
+            self.request_prompt,
+            self.request_generation,
+            self.iteration_tokens,
+        ):
+            histogram.labels(model)
+        for reason in FINISHED_REASONS:
+            self.success.labels(model, reason)
+        for reason in REJECTED_REASONS:
+            self.rejected.labels(model, reason)
+        for reason in ABORTED_REASONS:
+            self.aborted.labels(model, reason)
 
     def observe_step(self, model: str, stats: EngineStats, new_tokens: int) -> None:
         self.running.labels(model).set(stats.num_running)

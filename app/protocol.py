@@ -64,7 +64,7 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextContentPart(_Strict):

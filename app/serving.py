@@ -59,7 +59,8 @@ class Serving:
         longest = max(len(p) for p in prompts)
         params: SamplingParams = body.to_sampling_params(max(1, limit - longest))
         if longest + params.max_tokens > limit:
-            raise APIError.context_length_exceeded(limit, longest, params.max_tokens)
+            param = "prompt" if isinstance(body, CompletionRequest) else "messages"
+            raise APIError.context_length_exceeded(limit, longest, params.max_tokens, param=param)
         return params
 
     def _generation(self, served: ServedModel, prompts: list[list[int]], body: Any) -> Generation:
