@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: 8000)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API and /metrics")
+    serve.add_argument("--api-key-file", help="a file of accepted keys, one per line (with or without --api-key)")
     serve.add_argument("--metrics-open", action="store_true", default=None, help="serve /metrics without the key")
     serve.add_argument("--max-waiting-requests", type=int, help="bounded waiting queue per model; past it: 429")
     serve.add_argument("--threads", type=int, help="torch threads per worker (default: all usable cores but one)")
@@ -33,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int, help="running sequences per engine step")
     serve.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step")
     serve.add_argument("--max-body-bytes", type=int, help="largest request body (default: 4 MiB); past it: 413")
+    serve.add_argument("--body-read-timeout", type=float, help="seconds between body chunks (default: 30); 408")
     serve.add_argument("--request-timeout", type=float, help="seconds before a request is aborted (default: none)")
+    serve.add_argument("--watchdog-seconds", type=float, help="restart a stuck worker after this (default: 15)")
+    serve.add_argument("--max-worker-restarts", type=int, help="restarts per model in 5 minutes (default: 3)")
+    serve.add_argument("--drain-timeout", type=float, help="on SIGTERM, seconds for in-flight requests (default: 30)")
     serve.add_argument("--cache-dir", help="where converted weights are cached (default: ~/.cache/tokenmill)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(default: info)")
     build_generate_parser(sub.add_parser("generate", help="generate offline (no HTTP) with a model of the registry"))
@@ -58,24 +64,38 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**given)
         app = create_app(settings)
-    except (ValidationError, RegistryError) as exc:
+    except (ValidationError, RegistryError, OSError, ValueError) as exc:
         print(f"tokenmill: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=10
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,  # the drain happened before uvicorn is told to stop
     )
-    server = _server_class()(config)
+    server = _server_class()(config, app.state.pool, settings.drain_timeout)
     server.run()
+    if app.state.pool.all_failed():
+        return 1
     return 0 if server.started else 1
 
 
 def _server_class() -> type:
     import uvicorn
 
+    from app.model_pool import ModelPool
+
     class Server(uvicorn.Server):
         """uvicorn re-raises SIGTERM after a graceful shutdown (exit status -15); a clean drain should exit 0.
         A second signal forces the exit."""
+
+        def __init__(self, config: uvicorn.Config, pool: ModelPool, drain_timeout: float) -> None:
+            super().__init__(config)
+            self.pool = pool
+            self.drain_timeout = drain_timeout
+            self.drain_deadline = 0.0
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
@@ -84,9 +104,19 @@ def _server_class() -> type:
             yield
 
         def _on_signal(self, sig: int, frame: FrameType | None) -> None:
-            if self.should_exit:
-                self.force_exit = True
-            self.should_exit = True
+            if self.pool.draining:  # the second signal: go now
+                self.should_exit = self.force_exit = True
+                return
+            # Keep listening while draining, so /ready and new requests get a clear 503 instead of a refusal.
+            self.pool.draining = True
+            self.drain_deadline = time.monotonic() + self.drain_timeout
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.pool.all_failed():
+                return True  # no model is left: exit (non-zero, see serve())
+            if self.pool.draining and (self.pool.in_flight() == 0 or time.monotonic() > self.drain_deadline):
+                return True
+            return await super().on_tick(counter)
 
     return Server
 

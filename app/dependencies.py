@@ -34,21 +34,26 @@ def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
-def key_matches(header: str | None, expected: str) -> bool:
-    """Bearer-token check in constant time (the comparison does not leak how much of the key matched)."""
+def key_matches(header: str | None, expected: list[str]) -> bool:
+    """Bearer-token check in constant time (the comparison does not leak how much of a key matched); every key is
+    compared, so the time does not say which one matched either."""
     scheme, _, token = (header or "").partition(" ")
-    supplied = token.strip() if scheme.lower() == "bearer" else ""
-    return hmac.compare_digest(supplied.encode(), expected.encode())
+    supplied = (token.strip() if scheme.lower() == "bearer" else "").encode()
+    matched = False
+    for key in expected:
+        matched |= hmac.compare_digest(supplied, key.encode())
+    return matched
 
 
-def require_api_key(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
-    if settings.api_key is not None and not key_matches(request.headers.get("authorization"), settings.api_key):
+def require_api_key(request: Request) -> None:
+    keys: list[str] = request.app.state.api_keys
+    if keys and not key_matches(request.headers.get("authorization"), keys):
         raise APIError.invalid_api_key()
 
 
 def require_api_key_for_metrics(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
     if not settings.metrics_open:
-        require_api_key(request, settings)
+        require_api_key(request)
 
 
 ServingDep = Annotated[Serving, Depends(get_serving)]

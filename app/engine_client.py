@@ -66,6 +66,8 @@ class EngineClient:
         self.last_step_time = 0.0
         self.on_step: list[Callable[[StepOutput], None]] = []
         self.error: str | None = None
+        self.failed = False  # given up on: no restart will follow
+        self.on_lost: Callable[[str], None] | None = None  # the supervisor's hook: the worker died or hung
         self._handle: WorkerHandle | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -76,6 +78,8 @@ class EngineClient:
         return self._writer is not None and self.error is None
 
     async def start(self, start_timeout: float = 600.0) -> None:
+        """Start the worker (again, after a crash: the old process is reaped first)."""
+        await self._close_handle()
         handle = await asyncio.to_thread(
             start_worker, self.models_path, self.name, cache_dir=self.cache_dir, start_timeout=start_timeout
         )
@@ -85,8 +89,26 @@ class EngineClient:
         reader, self._writer = await asyncio.open_unix_connection(sock=handle.sock)
         self.last_step_time = time.monotonic()
         self._reader_task = asyncio.create_task(self._read_loop(reader), name=f"tokenmill-reader-{self.name}")
+        self.error = None
+
+    def kill(self) -> None:
+        """SIGKILL the worker (it works on a stopped process too); the reader then sees the socket close."""
+        if self._handle is not None and self._handle.process.poll() is None:
+            self._handle.process.kill()
+
+    def mark_failed(self, reason: str) -> None:
+        self.failed = True
+        self.error = reason
+
+    async def _close_handle(self) -> None:
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            if handle.process.poll() is None and self.error is not None:
+                handle.process.kill()
+            await asyncio.to_thread(handle.close)
 
     async def stop(self) -> None:
+        self.on_lost = None  # a worker that exits because we asked it to is not lost
         if self._writer is not None:
             with contextlib.suppress(OSError):
                 self._writer.write(transport.encode_frame(Shutdown()))
@@ -97,13 +119,14 @@ class EngineClient:
             self._reader_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader_task
-        if self._handle is not None:
-            await asyncio.to_thread(self._handle.close)
-            self._handle = None
+        await self._close_handle()
 
     def num_waiting(self) -> int:
         """Requests accepted here that have not produced a token yet: queued in the worker or on their way."""
         return len(self._admitting) + sum(1 for stream in self.streams.values() if not stream.started)
+
+    def num_in_flight(self) -> int:
+        return len(self._admitting) + len(self.streams)
 
     def admit(self) -> bool:
         """Takes a waiting slot for the calling request, held until `admitted` (or until the request's task ends).
@@ -127,6 +150,8 @@ class EngineClient:
 
     def open_stream(self, request_id: str) -> RequestStream:
         """Registers a request's stream before it is submitted, so it counts as waiting from now on."""
+        if not self.streams:
+            self.last_step_time = time.monotonic()  # idle until now: the watchdog counts from here
         return self.streams.setdefault(request_id, RequestStream(request_id))
 
     def new_request_id(self, prefix: str) -> str:
@@ -183,3 +208,5 @@ class EngineClient:
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.queue.put_nowait(WorkerGone(reason))
+        if self.on_lost is not None:
+            self.on_lost(reason)

@@ -181,6 +181,8 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
         error = APIError(405, f"Method not allowed ({where})", code="method_not_allowed", headers=headers)
     elif exc.status_code == 413:
         error = APIError(413, "The request body is too large.", code="request_too_large", headers=headers)
+    elif exc.status_code == 408:
+        error = APIError(408, str(exc.detail), code="request_timeout", headers={"Connection": "close", **headers})
     else:
         kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
         error = APIError(exc.status_code, str(exc.detail), type=kind, headers=headers)

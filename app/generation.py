@@ -164,8 +164,11 @@ class Generation:
             self.abort("worker_error")
             raise APIError.unavailable(f"model '{self.served.name}' failed: {item}", retry_after=5)
         if item.error is not None:
-            self.abort("invalid")
-            raise APIError.invalid_request(item.error)
+            choice.finish_reason = "error"  # already gone from the worker
+            self.abort(item.error_code or "error")
+            if item.error_code == "invalid_request":
+                raise APIError.invalid_request(item.error, param=item.error_param, code="invalid_value")
+            raise APIError(500, item.error, type="server_error", code=item.error_code or "model_error")
         now = time.monotonic()
         if item.new_token_ids:
             if choice.first_token_at is None:

@@ -17,6 +17,7 @@ from app.model_pool import ModelPool
 from app.routes import health, openai, tokenize
 from app.serving import Serving
 from app.settings import Settings
+from app.supervisor import RestartPolicy
 
 log = logging.getLogger("tokenmill")
 
@@ -24,7 +25,12 @@ log = logging.getLogger("tokenmill")
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
-    pool = ModelPool(settings.registry(), metrics, settings.cache_dir)
+    policy = RestartPolicy(
+        max_restarts=settings.max_worker_restarts,
+        watchdog=settings.watchdog_seconds,
+        start_timeout=settings.worker_start_timeout,
+    )
+    pool = ModelPool(settings.registry(), metrics, settings.cache_dir, policy)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -38,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="tokenmill", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.api_keys = settings.api_keys()
     app.state.metrics = metrics
     app.state.pool = pool
     app.state.serving = Serving(pool, metrics, settings)
@@ -45,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(tokenize.router)
     app.include_router(health.router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, read_timeout=settings.body_read_timeout)
     return app
 
 

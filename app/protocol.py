@@ -15,6 +15,8 @@ from pydantic_core import PydanticCustomError
 from worker.messages import InvalidRequest, SamplingParams
 
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]+")
+MAX_STOP_STRINGS = 64  # documented limits: a request may not make every detokenizer step scan thousands of strings
+MAX_STOP_CHARS = 1024
 
 
 def invalid(param: str, message: str, code: str = "invalid_value") -> PydanticCustomError:
@@ -27,11 +29,17 @@ def _unsupported_error(name: str) -> PydanticCustomError:
 
 
 def _check_stop(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_STOP_CHARS:
+        raise invalid("", f"'stop' strings may be at most {MAX_STOP_CHARS} characters long")
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
         if "" in value:
             raise invalid("", "'stop' strings must not be empty")
+        if len(value) > MAX_STOP_STRINGS:
+            raise invalid("", f"'stop' has {len(value)} strings; at most {MAX_STOP_STRINGS} are allowed")
+        if any(len(item) > MAX_STOP_CHARS for item in value):
+            raise invalid("", f"'stop' strings may be at most {MAX_STOP_CHARS} characters long")
         return value
     raise invalid("", "'stop' must be a string or a list of strings")
 

@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     api_key: str | None = None
+    api_key_file: Path | None = None  # one key per line ('#' comments); any of them, or api_key, is accepted
     metrics_open: bool = False  # serve /metrics without the API key
     cache_dir: Path | None = None
     max_waiting_requests: int | None = Field(default=None, ge=0)
@@ -31,15 +32,29 @@ class Settings(BaseSettings):
     max_num_seqs: int | None = Field(default=None, ge=1)
     max_num_batched_tokens: int | None = Field(default=None, ge=16)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    body_read_timeout: float = Field(default=30.0, gt=0)  # seconds a client may take between body chunks
     request_timeout: float | None = Field(default=None, gt=0)  # seconds; a request's own `timeout` may lower it
     keepalive_seconds: float = Field(default=15.0, gt=0)
     worker_start_timeout: float = Field(default=600.0, gt=0)
+    watchdog_seconds: float = Field(default=15.0, gt=0)  # no engine step for this long with work pending: restart
+    max_worker_restarts: int = Field(default=3, ge=0)  # per model within 5 minutes, then the model is failed
+    drain_timeout: float = Field(default=30.0, ge=0)  # on SIGTERM, how long in-flight requests may take
     log_level: str = "info"
 
     @field_validator("kv_cache_memory", mode="before")
     @classmethod
     def _size(cls, value: Any) -> Any:
         return parse_size(value) if isinstance(value, str) else value
+
+    def api_keys(self) -> list[str]:
+        """Every accepted key; empty means the API is open. Read once, at start."""
+        keys = [self.api_key] if self.api_key else []
+        if self.api_key_file is not None:
+            lines = self.api_key_file.read_text().splitlines()
+            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            if not keys:
+                raise ValueError(f"{self.api_key_file}: no API keys in the file")
+        return keys
 
     def registry(self) -> Registry:
         """models.yaml with this server's engine overrides applied to every entry."""

@@ -131,6 +131,8 @@ class RequestOutput(msgspec.Struct, omit_defaults=True):
     num_cached_tokens: int = 0
     queue_seconds: float = 0.0  # on the first output: time from arrival to first schedule
     error: str | None = None
+    error_code: str | None = None  # "invalid_request" (with error_param), "model_error" or "out_of_memory"
+    error_param: str | None = None
 
 
 class EngineStats(msgspec.Struct):

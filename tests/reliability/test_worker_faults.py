@@ -1,0 +1,160 @@
+"""Faults against a real server and worker: a killed worker, a hung worker, a failing forward, out of memory.
+
+Every in-flight request gets a clear error, /ready reports the outage, the supervisor restarts the worker, and new
+requests succeed once it is back. Nothing hangs: every call has a bounded timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.server_harness import Server, start_server, write_registry
+
+MARK = 7  # a prompt holding this token id makes the worker's step fail (TOKENMILL_TEST_FAULT)
+
+
+def entry(tiny_llama_dir: Path, **extra: Any) -> dict[str, Any]:
+    return {"name": "tiny", "source": str(tiny_llama_dir), "dtype": "float32", "kv_cache_memory": "8MiB", **extra}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("faults")
+    registry = write_registry(tmp / "models.yaml", [entry(tiny_llama_dir)])
+    server = start_server(registry, tmp, "--watchdog-seconds", "2", "--max-worker-restarts", "10")
+    yield server
+    assert server.stop() == 0
+
+
+def worker_pid(server: Server) -> int:
+    children = psutil.Process(server.process.pid).children(recursive=True)
+    workers = [p for p in children if "worker" in " ".join(p.cmdline())]
+    assert len(workers) == 1, [p.cmdline() for p in children]
+    return workers[0].pid
+
+
+def completion(client: httpx.Client, prompt: list[int] | str = "hello", **body: Any) -> httpx.Response:
+    payload = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, **body}
+    return client.post("/v1/completions", json=payload)
+
+
+def running(client: httpx.Client) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith('tokenmill_num_requests_running{model_name="tiny"}'):
+            return float(line.split()[-1])
+    raise AssertionError("no running gauge")
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise AssertionError(f"not {what} within {timeout} s")
+
+
+def long_stream(server: Server, events: list[str], started: threading.Event) -> None:
+    body = {"model": "tiny", "prompt": "count", "max_tokens": 490, "ignore_eos": True, "stream": True}
+    with server.client(timeout=60) as client, client.stream("POST", "/v1/completions", json=body) as response:
+        for line in response.iter_lines():
+            if line:
+                events.append(line)
+                started.set()
+
+
+def test_killed_worker_fails_in_flight_requests_and_comes_back(server: Server) -> None:
+    events: list[str] = []
+    started = threading.Event()
+    streaming = threading.Thread(target=long_stream, args=(server, events, started))
+    streaming.start()
+    assert started.wait(30)
+    with server.client(timeout=60) as client:
+        pending: list[httpx.Response] = []
+        blocking = threading.Thread(target=lambda: pending.append(completion(client, max_tokens=490, ignore_eos=True)))
+        blocking.start()
+        wait_until(lambda: running(client) == 2, 10, "both running")
+        os.kill(worker_pid(server), signal.SIGKILL)
+        took = wait_until(lambda: client.get("/ready").status_code == 503, 2.0, "unready")
+        assert took < 2.0
+        streaming.join(30)
+        blocking.join(30)
+        assert not streaming.is_alive() and not blocking.is_alive()
+        # the stream ends with an OpenAI-shaped error event, then [DONE]
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert error["code"] is not None and "tiny" in error["message"]
+        assert pending[0].status_code == 503 and pending[0].json()["error"]["type"]
+        wait_until(lambda: client.get("/ready").status_code == 200, 60, "ready again")
+        again = completion(client)
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 8
+
+
+def test_hung_worker_is_killed_by_the_watchdog(server: Server) -> None:
+    with server.client(timeout=60) as client:
+        assert completion(client).status_code == 200
+        pid = worker_pid(server)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            response = completion(client, max_tokens=50)
+            assert response.status_code == 503, response.text
+            assert time.monotonic() - start < 15
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: client.get("/ready").status_code == 200, 60, "ready again")
+        assert worker_pid(server) != pid
+        assert completion(client).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def faulty(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("faulty")
+    registry = write_registry(tmp / "models.yaml", [entry(tiny_llama_dir)])
+    server = start_server(registry, tmp, env={"TOKENMILL_TEST_FAULT": f"raise:{MARK}"})
+    yield server
+    assert server.stop() == 0
+
+
+def test_forward_exception_fails_only_its_step(faulty: Server) -> None:
+    with faulty.client(timeout=60) as client:
+        bad = completion(client, prompt=[5, MARK, 9])
+        assert bad.status_code == 500
+        error = bad.json()["error"]
+        assert error["type"] == "server_error" and error["code"] == "model_error"
+        assert "injected fault" in error["message"]
+        # the worker survived and serves the others, with nothing left running
+        good = completion(client, prompt=[5, 6, 9])
+        assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 8
+        assert client.get("/ready").status_code == 200
+        assert running(client) == 0
+
+
+@pytest.fixture(scope="module")
+def oom(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("oom")
+    registry = write_registry(tmp / "models.yaml", [entry(tiny_llama_dir)])
+    server = start_server(registry, tmp, env={"TOKENMILL_TEST_FAULT": f"oom:{MARK}"})
+    yield server
+    assert server.stop() == 0
+
+
+def test_out_of_memory_fails_the_request_and_the_worker_survives(oom: Server) -> None:
+    with oom.client(timeout=60) as client:
+        bad = completion(client, prompt=[5, MARK, 9])
+        assert bad.status_code == 500 and bad.json()["error"]["code"] == "out_of_memory"
+        good = completion(client, prompt=[5, 6, 9])
+        assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 8
