@@ -194,7 +194,11 @@ class ModelCard(_Response):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=_now)
     owned_by: str = "tokenmill"
+    root: str | None = None  # vLLM's extension: the served model an alias points to (itself otherwise)
     max_model_len: int | None = None  # vLLM's extension
+    state: Literal["loaded", "loading", "unloaded", "failed"] | None = None  # ours, like the three below
+    quantization: str | None = None
+    lora: str | None = None
 
 
 class ModelList(_Response):

@@ -44,8 +44,8 @@ class Serving:
         self.metrics = metrics
         self.settings = settings
 
-    def _admit(self, model_name: str) -> ServedModel:
-        served = self.pool.get(model_name)
+    async def _admit(self, model_name: str) -> ServedModel:
+        served = await self.pool.acquire(model_name)
         if not served.client.admit():
             self.metrics.rejected.labels(served.name, "queue_full").inc()
             raise APIError.rate_limited(
@@ -75,7 +75,7 @@ class Serving:
     # --- chat ----------------------------------------------------------------------------------------------------
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        served = self._admit(body.model)
+        served = await self._admit(body.model)
         tokenizer = served.tokenizer
         assert tokenizer is not None
         messages = [m.to_template() for m in body.messages]
@@ -127,7 +127,7 @@ class Serving:
     # --- completions ---------------------------------------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        served = self._admit(body.model)
+        served = await self._admit(body.model)
         tokenizer = served.tokenizer
         assert tokenizer is not None
         prompts = [p if isinstance(p, list) else tokenizer.encode(p) for p in body.prompts()]

@@ -74,7 +74,7 @@ class Engine:
         self.pending: list[RequestOutput] = []  # outputs owed to the client outside a forward (aborts)
         self.step_count = 0
         self._arrivals = 0
-        self.fault_hook: Callable[[list[str]], None] | None = None  # tests inject step failures through it
+        self.fault_hook: Callable[[list[list[int]]], None] | None = None  # tests inject step failures through it
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, entry: ModelEntry) -> Engine:
@@ -173,11 +173,12 @@ class Engine:
                 log.warning(
                     "out of memory in a step of %d requests; failing %s", len(plan.scheduled), victim.request_id
                 )
-                outputs.append(self._fail(victim, f"out of memory while running this request ({exc}); retry shorter"))
+                message = f"out of memory while running this request ({exc}); retry shorter"
+                outputs.append(self._fail(victim, message, "out_of_memory"))
             except Exception as exc:
                 log.exception("step %d failed; failing its %d requests", self.step_count + 1, len(plan.scheduled))
                 message = f"the model failed on this request: {type(exc).__name__}: {exc}"
-                outputs.extend(self._fail(item.seq, message) for item in plan.scheduled)
+                outputs.extend(self._fail(item.seq, message, "model_error") for item in plan.scheduled)
         self.step_count += 1
         return StepOutput(self.step_count, outputs, self.stats(plan.num_batched_tokens, time.perf_counter() - start))
 
@@ -193,7 +194,7 @@ class Engine:
             if item.sample:
                 rows.append(self._sample_input(seq))
         if self.fault_hook is not None:
-            self.fault_hook([item.seq.request_id for item in plan.scheduled])
+            self.fault_hook([item.seq.prompt_token_ids for item in plan.scheduled])
         logits = self.runner.execute(items)
         sampled = self.sampler.sample(logits, rows) if rows else None
         tokens = dict(zip((row.request_id for row in rows), sampled.token_ids, strict=True)) if sampled else {}
@@ -220,14 +221,14 @@ class Engine:
             self.sampler.release(request_id)
         return outputs
 
-    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
+    def _fail(self, seq: Sequence, message: str, code: str) -> RequestOutput:
         """End a request with an error and free its blocks; the engine keeps serving the others."""
         if seq.request_id in self.requests:
             del self.requests[seq.request_id]
             self.scheduler.abort(seq)
             seq.finish_reason = "error"
             self.sampler.release(seq.request_id)
-        return RequestOutput(seq.request_id, [], "error", error=message)
+        return RequestOutput(seq.request_id, [], "error", error=message, error_code=code)
 
     def _sample_input(self, seq: Sequence) -> SampleInput:
         params = seq.params

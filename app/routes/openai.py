@@ -24,8 +24,19 @@ async def completions(body: CompletionRequest, request: Request, serving: Servin
 
 @router.get("/models")
 async def list_models(pool: PoolDep) -> dict[str, object]:
-    cards = [
-        ModelCard(id=name, max_model_len=model.client.info.max_model_len if model.client.info else None)
-        for name, model in pool.models.items()
-    ]
+    """Every model and alias, with its state, quantization, LoRA adapter and context length."""
+    cards = []
+    for name, model in pool.models.items():
+        entry = model.entry
+        for card_id in (name, *entry.aliases):
+            cards.append(
+                ModelCard(
+                    id=card_id,
+                    root=name,
+                    max_model_len=model.client.info.max_model_len if model.client.info else None,
+                    state=pool.state(model),  # type: ignore[arg-type]
+                    quantization=entry.quantization,
+                    lora=entry.lora.adapter if entry.lora else None,
+                )
+            )
     return ModelList(data=cards).to_dict()

@@ -16,15 +16,15 @@ from app.tokenizer import ChatTemplateError, Tokenizer
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-def _model(pool: ModelPool, name: str | None) -> tuple[ServedModel, Tokenizer]:
-    served = pool.get(name or next(iter(pool.models)))
+async def _model(pool: ModelPool, name: str | None) -> tuple[ServedModel, Tokenizer]:
+    served = await pool.acquire(name or next(iter(pool.models)))
     assert served.tokenizer is not None
     return served, served.tokenizer
 
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, pool: PoolDep) -> dict[str, object]:
-    served, tokenizer = _model(pool, body.model)
+    served, tokenizer = await _model(pool, body.model)
     if body.messages is not None:
         messages = [m.to_template() for m in body.messages]
         try:
@@ -39,7 +39,7 @@ async def tokenize(body: TokenizeRequest, pool: PoolDep) -> dict[str, object]:
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, pool: PoolDep) -> dict[str, object]:
-    served, tokenizer = _model(pool, body.model)
+    served, tokenizer = await _model(pool, body.model)
     vocab = served.info.vocab_size
     bad = [t for t in body.tokens if t >= vocab]
     if bad:

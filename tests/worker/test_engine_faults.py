@@ -22,14 +22,16 @@ def model(tiny_llama_dir: Path) -> PreTrainedModel:
 
 def test_failed_step_fails_its_requests_and_frees_blocks(model: PreTrainedModel) -> None:
     engine = make_engine(model)
-    engine.fault_hook = fault_hook("raise:boom")
     prompts = random_prompts(int(model.config.vocab_size), [5, 9], seed=1)
+    marker = next(t for t in range(3, 100) if t not in prompts["r0"])
+    engine.fault_hook = fault_hook(f"raise:{marker}")
     engine.add_request("ok-first", prompts["r0"], GREEDY)
     engine.step()  # ok-first is running alone
-    engine.add_request("boom", prompts["r1"], GREEDY)
+    engine.add_request("boom", [*prompts["r1"], marker], GREEDY)
     out = engine.step()  # ok-first decodes in the same step as boom's prefill: both fail
     errors = {o.request_id: o.error for o in out.outputs if o.finish_reason == "error"}
     assert set(errors) == {"ok-first", "boom"}
+    assert {o.error_code for o in out.outputs if o.finish_reason == "error"} == {"model_error"}
     assert all(message and "injected fault" in message for message in errors.values())
     assert engine.block_manager.num_used_blocks == 0 and not engine.has_work()
     # the engine keeps serving, with exact outputs
@@ -40,13 +42,16 @@ def test_failed_step_fails_its_requests_and_frees_blocks(model: PreTrainedModel)
 def test_out_of_memory_fails_the_largest_request_only(model: PreTrainedModel) -> None:
     engine = make_engine(model)
     prompts = random_prompts(int(model.config.vocab_size), [4, 30, 7], seed=2)
+    marker = prompts["r0"][0]
+    assert marker not in prompts["r1"] + prompts["r2"]
     engine.add_request("small-oom", prompts["r0"], GREEDY)
     engine.add_request("big", prompts["r1"], GREEDY)
     engine.add_request("mid", prompts["r2"], GREEDY)
-    engine.fault_hook = fault_hook("oom:oom")
+    engine.fault_hook = fault_hook(f"oom:{marker}")
     first = engine.step()
     assert [(o.request_id, o.finish_reason) for o in first.outputs] == [("big", "error")]
     assert first.outputs[0].error is not None and "out of memory" in first.outputs[0].error
+    assert first.outputs[0].error_code == "out_of_memory"
     # the step keeps failing while small-oom runs: the largest remaining request goes each time
     second = engine.step()
     assert [(o.request_id, o.finish_reason) for o in second.outputs] == [("mid", "error")]

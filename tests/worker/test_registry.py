@@ -1,0 +1,99 @@
+"""models.yaml validation: every error names the file, the entry and the field, and says how to fix it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from worker.registry import DEFAULT_REGISTRY, RegistryError, load_registry, parse_size
+
+
+def write(tmp_path: Path, models: Any) -> Path:
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump({"models": models}))
+    return path
+
+
+def error_of(path: Path) -> str:
+    with pytest.raises(RegistryError) as err:
+        load_registry(path)
+    return str(err.value)
+
+
+def test_the_shipped_registry_is_valid() -> None:
+    registry = load_registry(DEFAULT_REGISTRY)
+    assert [e.name for e in registry.models] == ["smollm2"]
+    assert registry.models[0].quantization == "none" and registry.models[0].lora is None
+
+
+def test_unknown_key(tmp_path: Path) -> None:
+    message = error_of(write(tmp_path, [{"name": "a", "source": "/x", "dtyp": "float32"}]))
+    assert str(tmp_path / "models.yaml") in message
+    assert "models[0] ('a'), field 'dtyp'" in message and "unknown key" in message
+
+
+def test_wrong_type_names_entry_and_field(tmp_path: Path) -> None:
+    models = [{"name": "ok", "source": "/x"}, {"name": "b", "source": "/y", "max_num_seqs": "many"}]
+    message = error_of(write(tmp_path, models))
+    assert "models[1] ('b'), field 'max_num_seqs'" in message
+
+
+def test_bad_choice(tmp_path: Path) -> None:
+    message = error_of(write(tmp_path, [{"name": "q", "source": "/x", "quantization": "int3"}]))
+    assert "field 'quantization'" in message and "'int8'" in message
+
+
+def test_two_models_with_one_name(tmp_path: Path) -> None:
+    message = error_of(write(tmp_path, [{"name": "a", "source": "/x"}, {"name": "a", "source": "/y"}]))
+    assert "'a' is used twice" in message
+
+
+def test_alias_clashing_with_a_name(tmp_path: Path) -> None:
+    models = [{"name": "a", "source": "/x"}, {"name": "b", "source": "/y", "aliases": ["a"]}]
+    assert "'a' is used twice (a and b)" in error_of(write(tmp_path, models))
+
+
+def test_missing_adapter(tmp_path: Path) -> None:
+    models = [{"name": "l", "source": "/x", "lora": {"adapter": str(tmp_path / "nowhere")}}]
+    message = error_of(write(tmp_path, models))
+    assert "models[0] ('l'), field 'lora.adapter'" in message and "adapter_config.json" in message
+
+
+def test_missing_chat_template(tmp_path: Path) -> None:
+    message = error_of(write(tmp_path, [{"name": "t", "source": "/x", "chat_template": str(tmp_path / "t.jinja")}]))
+    assert "field 'chat_template'" in message and "is not a file" in message
+
+
+def test_quantization_of_dummy_weights(tmp_path: Path) -> None:
+    models = [{"name": "d", "source": "/x", "load_format": "dummy", "quantization": "nf4"}]
+    assert "quantization needs real weights" in error_of(write(tmp_path, models))
+
+
+def test_empty_and_unreadable(tmp_path: Path) -> None:
+    assert "models" in error_of(write(tmp_path, []))
+    assert "cannot read" in error_of(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [")
+    assert "not valid YAML" in error_of(bad)
+
+
+def test_aliases_resolve(tmp_path: Path) -> None:
+    registry = load_registry(write(tmp_path, [{"name": "a", "source": "/x", "aliases": ["alpha", "first"]}]))
+    assert registry.get("alpha").name == "a" and registry.get("a").name == "a"
+    with pytest.raises(KeyError):
+        registry.get("b")
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("512", 512), ("2GiB", 2 * 2**30), ("1.5GB", 1_500_000_000), ("64MiB", 64 * 2**20)]
+)
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_bad_size(tmp_path: Path) -> None:
+    message = error_of(write(tmp_path, [{"name": "s", "source": "/x", "kv_cache_memory": "lots"}]))
+    assert "field 'kv_cache_memory'" in message and "'512MiB'" in message

@@ -1,0 +1,51 @@
+"""bitsandbytes quantization through transformers' integration: int8 (LLM.int8()), nf4 and fp4, on CUDA and CPU.
+
+bitsandbytes is an optional extra (`pip install tokenmill[quant]`); an entry that asks for it without the package
+installed fails at start with a message that says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+
+from worker.registry import ModelEntry
+
+
+def available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def from_pretrained_kwargs(entry: ModelEntry, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """Extra `from_pretrained` arguments that quantize the weights as they load; none for `quantization: none`."""
+    if entry.quantization == "none":
+        return {}
+    if not available():
+        raise RuntimeError(
+            f"model '{entry.name}': quantization '{entry.quantization}' needs bitsandbytes; "
+            "pip install 'tokenmill[quant]' (or set quantization: none)"
+        )
+    from transformers import BitsAndBytesConfig
+
+    _quiet()
+    if entry.quantization == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
+    else:
+        config = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+            load_in_4bit=True, bnb_4bit_quant_type=entry.quantization, bnb_4bit_compute_dtype=dtype
+        )
+    return {"quantization_config": config, "device_map": {"": str(device)}}
+
+
+def _quiet() -> None:
+    """bitsandbytes warns on every call in some paths (casts, CPU fallbacks); say it once, not per step."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("once", module="bitsandbytes")
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
