@@ -120,41 +120,23 @@ def test_hung_worker_is_killed_by_the_watchdog(server: Server) -> None:
         assert completion(client).status_code == 200
 
 
-@pytest.fixture(scope="module")
-def faulty(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("faulty")
-    registry = write_registry(tmp / "models.yaml", [entry(tiny_llama_dir)])
-    server = start_server(registry, tmp, env={"TOKENMILL_TEST_FAULT": f"raise:{MARK}"})
-    yield server
-    assert server.stop() == 0
-
-
-def test_forward_exception_fails_only_its_step(faulty: Server) -> None:
-    with faulty.client(timeout=60) as client:
-        bad = completion(client, prompt=[5, MARK, 9])
-        assert bad.status_code == 500
-        error = bad.json()["error"]
-        assert error["type"] == "server_error" and error["code"] == "model_error"
-        assert "injected fault" in error["message"]
-        # the worker survived and serves the others, with nothing left running
-        good = completion(client, prompt=[5, 6, 9])
-        assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 8
-        assert client.get("/ready").status_code == 200
-        assert running(client) == 0
-
-
-@pytest.fixture(scope="module")
-def oom(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("oom")
-    registry = write_registry(tmp / "models.yaml", [entry(tiny_llama_dir)])
-    server = start_server(registry, tmp, env={"TOKENMILL_TEST_FAULT": f"oom:{MARK}"})
-    yield server
-    assert server.stop() == 0
-
-
-def test_out_of_memory_fails_the_request_and_the_worker_survives(oom: Server) -> None:
-    with oom.client(timeout=60) as client:
-        bad = completion(client, prompt=[5, MARK, 9])
-        assert bad.status_code == 500 and bad.json()["error"]["code"] == "out_of_memory"
-        good = completion(client, prompt=[5, 6, 9])
-        assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 8
+@pytest.mark.parametrize(("kind", "code"), [("raise", "model_error"), ("oom", "out_of_memory")])
+def test_failed_step_fails_its_request_and_the_worker_survives(
+    tiny_llama_dir: Path, tmp_path: Path, kind: str, code: str
+) -> None:
+    registry = write_registry(tmp_path / "models.yaml", [entry(tiny_llama_dir)])
+    server = start_server(registry, tmp_path, env={"TOKENMILL_TEST_FAULT": f"{kind}:{MARK}"})
+    try:
+        with server.client(timeout=60) as client:
+            bad = completion(client, prompt=[5, MARK, 9])
+            assert bad.status_code == 500
+            error = bad.json()["error"]
+            assert error["type"] == "server_error" and error["code"] == code
+            assert "injected" in error["message"]
+            # the worker survived and serves the others, with nothing left running
+            good = completion(client, prompt=[5, 6, 9])
+            assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 8
+            assert client.get("/ready").status_code == 200
+            assert running(client) == 0
+    finally:
+        assert server.stop() == 0
