@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 import sys
-import time
-from collections.abc import Iterator
-from types import FrameType
 from typing import Any
 
 from worker.generate import build_parser as build_generate_parser
@@ -53,6 +48,7 @@ def serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from app.main import create_app
+    from app.server import DrainingServer
     from app.settings import Settings
     from worker.registry import RegistryError
 
@@ -75,50 +71,11 @@ def serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=5,  # the drain happened before uvicorn is told to stop
     )
-    server = _server_class()(config, app.state.pool, settings.drain_timeout)
+    server = DrainingServer(config, app.state.pool, settings.drain_timeout)
     server.run()
     if app.state.pool.all_failed():
         return 1
     return 0 if server.started else 1
-
-
-def _server_class() -> type:
-    import uvicorn
-
-    from app.model_pool import ModelPool
-
-    class Server(uvicorn.Server):
-        """uvicorn re-raises SIGTERM after a graceful shutdown (exit status -15); a clean drain should exit 0.
-        A second signal forces the exit."""
-
-        def __init__(self, config: uvicorn.Config, pool: ModelPool, drain_timeout: float) -> None:
-            super().__init__(config)
-            self.pool = pool
-            self.drain_timeout = drain_timeout
-            self.drain_deadline = 0.0
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, self._on_signal)
-            yield
-
-        def _on_signal(self, sig: int, frame: FrameType | None) -> None:
-            if self.pool.draining:  # the second signal: go now
-                self.should_exit = self.force_exit = True
-                return
-            # Keep listening while draining, so /ready and new requests get a clear 503 instead of a refusal.
-            self.pool.draining = True
-            self.drain_deadline = time.monotonic() + self.drain_timeout
-
-        async def on_tick(self, counter: int) -> bool:
-            if self.pool.all_failed():
-                return True  # no model is left: exit (non-zero, see serve())
-            if self.pool.draining and (self.pool.in_flight() == 0 or time.monotonic() > self.drain_deadline):
-                return True
-            return await super().on_tick(counter)
-
-    return Server
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,6 @@ from worker.launcher import WorkerHandle, start_worker
 from worker.messages import (
     AbortRequest,
     AddRequest,
-    EngineStats,
     ModelInfo,
     RequestOutput,
     SamplingParams,
@@ -41,15 +40,11 @@ class RequestStream:
     request_id: str
     queue: asyncio.Queue[RequestOutput | Exception] = field(default_factory=asyncio.Queue)
     started: bool = False  # the first output has arrived (it is no longer waiting)
-    finished: bool = False
 
     async def next(self) -> RequestOutput:
         item = await self.queue.get()
         if isinstance(item, Exception):
-            self.finished = True
             raise item
-        if item.finish_reason is not None:
-            self.finished = True
         return item
 
 
@@ -60,7 +55,6 @@ class EngineClient:
         self.max_waiting_requests = max_waiting_requests
         self.cache_dir = cache_dir
         self.info: ModelInfo | None = None
-        self.stats = EngineStats()
         self.streams: dict[str, RequestStream] = {}
         self._admitting: set[asyncio.Task[Any]] = set()  # admitted API requests with nothing submitted yet
         self.last_step_time = 0.0
@@ -85,7 +79,6 @@ class EngineClient:
         )
         self._handle = handle
         self.info = handle.info
-        self.stats = EngineStats(kv_blocks_total=handle.info.kv_blocks_total)
         reader, self._writer = await asyncio.open_unix_connection(sock=handle.sock)
         self.last_step_time = time.monotonic()
         self._reader_task = asyncio.create_task(self._read_loop(reader), name=f"tokenmill-reader-{self.name}")
@@ -189,7 +182,6 @@ class EngineClient:
             self._fail(f"worker link for model '{self.name}' failed: {exc}")
 
     def _dispatch(self, message: StepOutput) -> None:
-        self.stats = message.stats
         self.last_step_time = time.monotonic()
         for out in message.outputs:
             stream = self.streams.get(out.request_id)

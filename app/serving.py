@@ -65,9 +65,7 @@ class Serving:
 
     def _generation(self, served: ServedModel, prompts: list[list[int]], body: Any) -> Generation:
         params = self._params(served, prompts, body)
-        timeout = body.timeout or self.settings.request_timeout
-        if body.timeout and self.settings.request_timeout:
-            timeout = min(body.timeout, self.settings.request_timeout)
+        timeout = min(filter(None, (body.timeout, self.settings.request_timeout)), default=None)
         return Generation(
             served, prompts, params, body.n, body.stop_strings, self.metrics, timeout, self.settings.keepalive_seconds
         )
