@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve the models of a registry over HTTP",
         description="Start the API process and one worker process per model in the registry. Every flag can also "
-        "be set as an environment variable TOKENMILL_<FLAG> (e.g. TOKENMILL_API_KEY).",
+        "be set as an environment variable TOKENMILL_<FLAG> (e.g. TOKENMILL_API_KEY). SIGHUP, or POST /admin/reload "
+        "with the API key, re-reads the registry without a restart.",
     )
     serve.add_argument("--models", help="the models.yaml registry (default: the bundled one, SmolLM2)")
     serve.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
@@ -48,6 +49,7 @@ def serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from app.main import create_app
+    from app.reload import reload_logged
     from app.server import DrainingServer
     from app.settings import Settings
     from worker.registry import RegistryError
@@ -71,7 +73,8 @@ def serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=5,  # the drain happened before uvicorn is told to stop
     )
-    server = DrainingServer(config, app.state.pool, settings.drain_timeout)
+    pool = app.state.pool
+    server = DrainingServer(config, pool, settings.drain_timeout, reload=lambda: reload_logged(settings, pool))
     server.run()
     if app.state.pool.all_failed():
         return 1

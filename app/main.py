@@ -14,7 +14,7 @@ from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.metrics import Metrics
 from app.model_pool import ModelPool
-from app.routes import health, openai, tokenize
+from app.routes import admin, health, openai, tokenize
 from app.serving import Serving
 from app.settings import Settings
 from app.supervisor import RestartPolicy
@@ -31,6 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         start_timeout=settings.worker_start_timeout,
     )
     pool = ModelPool(settings.registry(), metrics, settings.cache_dir, policy)
+    pool.drain_timeout = settings.drain_timeout
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(tokenize.router)
     app.include_router(health.router)
+    app.include_router(admin.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, read_timeout=settings.body_read_timeout)
     return app
 

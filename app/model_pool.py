@@ -1,19 +1,20 @@
 """`ModelPool`: the models this server serves, each a worker process behind an `EngineClient` plus its tokenizer.
 
 It starts every worker at once, writes the effective registry (models.yaml with the server's overrides) for them,
-and answers which model a request names.
+and answers which model a request names. `reload` applies a new registry without a restart: added models start,
+removed ones drain and stop, changed ones are replaced once their in-flight requests finish, and the others keep
+serving untouched.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -28,6 +29,21 @@ from worker.registry import ModelEntry, Registry
 
 log = logging.getLogger("tokenmill.models")
 
+# Fields only the API process reads: changing them never restarts a worker.
+APP_ONLY_FIELDS = frozenset({"aliases", "load", "keep_alive"})
+
+
+def _worker_view(entry: ModelEntry) -> dict[str, object]:
+    return entry.model_dump(exclude=set(APP_ONLY_FIELDS))
+
+
+@dataclass
+class ReloadReport:
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
 
 @dataclass
 class ServedModel:
@@ -37,6 +53,8 @@ class ServedModel:
     tokenizer: Tokenizer | None = None
     loading: asyncio.Task[None] | None = None
     last_used: float = 0.0
+    replacing: bool = False  # a reload is swapping this entry in: requests wait for it (bounded)
+    created: int = field(default_factory=lambda: int(time.time()))  # when this entry began to be served
 
     @property
     def ready(self) -> bool:
@@ -64,21 +82,41 @@ class ModelPool:
     ) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.cache_dir = cache_dir
         self.policy = policy or RestartPolicy()
         self.draining = False  # set on SIGTERM: not ready, no new requests, in-flight ones finish
+        self.drain_timeout = 30.0  # how long a removed or replaced model's in-flight requests may take
         self._dir = Path(tempfile.mkdtemp(prefix="tokenmill-registry-"))
-        self.registry_path = self._dir / "models.yaml"
-        self.registry_path.write_text(yaml.safe_dump(registry.model_dump(mode="json"), sort_keys=False))
+        self._generation = 0
+        self.registry_path = self._write(registry)
         self.models: dict[str, ServedModel] = {}
-        self.aliases: dict[str, str] = {alias: entry.name for entry in registry.models for alias in entry.aliases}
+        self.aliases: dict[str, str] = {}
         for entry in registry.models:
-            client = EngineClient(entry.name, self.registry_path, entry.max_waiting_requests, cache_dir)
-            client.on_step.append(self._step_listener(entry.name))
-            self.models[entry.name] = ServedModel(entry, client)
-            metrics.add_model(entry.name)
+            self._add(entry)
+        self._index_aliases()
         self.start_timeout = self.policy.start_timeout
         self.lazy_wait = 120.0  # a request for a lazy model waits this long for the load, then gets 503
         self._reaper: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._reload_lock = asyncio.Lock()
+
+    def _write(self, registry: Registry) -> Path:
+        """Write the effective registry for workers to read. Each reload writes a new file: a worker of an older
+        generation reads its own file again when the supervisor restarts it."""
+        self._generation += 1
+        path = self._dir / f"models-{self._generation}.yaml"
+        path.write_text(yaml.safe_dump(registry.model_dump(mode="json"), sort_keys=False))
+        return path
+
+    def _add(self, entry: ModelEntry) -> ServedModel:
+        client = EngineClient(entry.name, self.registry_path, entry.max_waiting_requests, self.cache_dir)
+        client.on_step.append(self._step_listener(entry.name))
+        model = self.models[entry.name] = ServedModel(entry, client)
+        self.metrics.add_model(entry.name)
+        return model
+
+    def _index_aliases(self) -> None:
+        self.aliases = {alias: model.name for model in self.models.values() for alias in model.entry.aliases}
 
     def _step_listener(self, name: str) -> Callable[[StepOutput], None]:
         def on_step(out: StepOutput) -> None:
@@ -153,12 +191,81 @@ class ModelPool:
             info.block_size,
         )
 
+    async def reload(self, registry: Registry) -> ReloadReport:
+        """Apply a new (already validated) registry. Returns at once; replaced and added models load behind it."""
+        async with self._reload_lock:
+            if self.draining:
+                raise APIError.unavailable("the server is shutting down", retry_after=5)
+            self.registry = registry
+            self.registry_path = self._write(registry)
+            report = ReloadReport()
+            wanted = {entry.name for entry in registry.models}
+            for name in [name for name in self.models if name not in wanted]:
+                self._retire(self.models.pop(name))
+                report.removed.append(name)
+            for entry in registry.models:
+                old = self.models.get(entry.name)
+                if old is None:
+                    model = self._add(entry)
+                    if entry.load == "eager":
+                        self._load(model)
+                    report.added.append(entry.name)
+                elif _worker_view(old.entry) == _worker_view(entry) and not old.client.failed:
+                    old.entry = entry
+                    if entry.load == "eager" and old.unloaded:
+                        self._load(old)
+                    report.unchanged.append(entry.name)
+                else:
+                    self._replace(old, self._add(entry))
+                    report.replaced.append(entry.name)
+            self._index_aliases()
+            log.info(
+                "registry reloaded: added %s, removed %s, replaced %s, unchanged %s",
+                report.added or "-",
+                report.removed or "-",
+                report.replaced or "-",
+                report.unchanged or "-",
+            )
+            return report
+
+    def _replace(self, old: ServedModel, new: ServedModel) -> None:
+        """Swap `new` in for `old`: requests wait while `old` drains and stops, then `new` starts (if `old` was
+        loaded or is eager; an unloaded lazy model stays unloaded)."""
+        load = new.entry.load == "eager" or not old.unloaded
+        retired = self._retire(old)
+
+        async def swap() -> None:
+            await asyncio.shield(retired)
+            if load:
+                await self._start(new, self.start_timeout)
+
+        new.replacing = True
+        new.loading = asyncio.create_task(swap())
+
+    def _retire(self, model: ServedModel) -> asyncio.Task[None]:
+        """Stop `model` once its in-flight requests finish (or the drain timeout passes)."""
+
+        async def drain() -> None:
+            if model.loading is not None:  # a load in progress finishes first: cancelling it could orphan a worker
+                await asyncio.wait({model.loading}, timeout=self.start_timeout)
+            deadline = time.monotonic() + self.drain_timeout
+            while model.client.num_in_flight() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await self._unload(model)
+            log.info("model '%s' (%s) stopped", model.name, "replaced" if model.name in self.models else "removed")
+
+        task = asyncio.create_task(drain())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return task
+
     async def stop(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
         for model in self.models.values():
             if model.loading is not None:
                 model.loading.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         await asyncio.gather(*(self._unload(model) for model in self.models.values()), return_exceptions=True)
         shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -183,13 +290,13 @@ class ModelPool:
         return model
 
     async def acquire(self, name: str) -> ServedModel:
-        """Like `get`, but a lazy model that is not loaded starts loading, and the request waits for it (bounded)."""
+        """Like `get`, but a lazy model that is not loaded starts loading, and the request waits for it (bounded);
+        so does a request for a model that a reload is replacing."""
         model = self.models.get(self.aliases.get(name, name))
-        lazy = model is not None and model.entry.load == "lazy"
-        if model is not None and lazy and not model.ready and not model.client.failed and not self.draining:
-            loading = self._load(model)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(loading), self.lazy_wait)
+        if model is not None and not model.ready and not model.client.failed and not self.draining:
+            loading = self._load(model) if model.entry.load == "lazy" else model.loading if model.replacing else None
+            if loading is not None:
+                await asyncio.wait({loading}, timeout=self.lazy_wait)
         return self.get(name)
 
     def not_ready(self) -> dict[str, str]:

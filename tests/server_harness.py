@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,3 +80,16 @@ def start_server(
         time.sleep(0.25)
     server.stop()
     raise RuntimeError(f"server not ready after {ready_timeout} s:\n{server.log()[-4000:]}")
+
+
+def worker_pids(server: Server) -> dict[str, int]:
+    """The live worker process of each model, by model name (an exited worker may linger a moment as a zombie)."""
+    pids: dict[str, int] = {}
+    for proc in psutil.Process(server.process.pid).children(recursive=True):
+        try:
+            cmdline = proc.cmdline()
+            if "--model" in cmdline and proc.status() != psutil.STATUS_ZOMBIE:
+                pids[cmdline[cmdline.index("--model") + 1]] = proc.pid
+        except psutil.Error:
+            continue
+    return pids

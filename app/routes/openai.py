@@ -32,6 +32,7 @@ async def list_models(pool: PoolDep) -> dict[str, object]:
             cards.append(
                 ModelCard(
                     id=card_id,
+                    created=model.created,
                     root=name,
                     max_model_len=model.client.info.max_model_len if model.client.info else None,
                     state=pool.state(model),  # type: ignore[arg-type]

@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.server_harness import Server, start_server, write_registry
+from tests.server_harness import Server, start_server, worker_pids, write_registry
 
 peft = pytest.importorskip("peft")
 
@@ -47,19 +46,6 @@ def cards(client: httpx.Client) -> dict[str, dict[str, object]]:
     return {card["id"]: card for card in client.get("/v1/models").json()["data"]}
 
 
-def workers(server: Server) -> list[str]:
-    """The models whose worker processes are alive (an exited worker may linger a moment as a zombie)."""
-    names = []
-    for proc in psutil.Process(server.process.pid).children(recursive=True):
-        try:
-            cmdline = proc.cmdline()
-        except psutil.Error:
-            continue
-        if "--model" in cmdline and proc.status() != psutil.STATUS_ZOMBIE:
-            names.append(cmdline[cmdline.index("--model") + 1])
-    return sorted(names)
-
-
 def test_models_list_every_model_and_alias(server: Server) -> None:
     with server.client() as client:
         listed = cards(client)
@@ -84,16 +70,16 @@ def test_lora_model_answers_differently(server: Server) -> None:
 
 
 def test_lazy_model_loads_on_first_request_and_unloads_when_idle(server: Server) -> None:
-    assert "tiny-lazy" not in workers(server)
+    assert "tiny-lazy" not in worker_pids(server)
     with server.client() as client:
         assert client.get("/ready").status_code == 200  # an unloaded lazy model does not make the server unready
         first = complete(client, "tiny-lazy")
         assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] == 6
-        assert "tiny-lazy" in workers(server) and cards(client)["tiny-lazy"]["state"] == "loaded"
+        assert "tiny-lazy" in worker_pids(server) and cards(client)["tiny-lazy"]["state"] == "loaded"
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and "tiny-lazy" in workers(server):
+        while time.monotonic() < deadline and "tiny-lazy" in worker_pids(server):
             time.sleep(0.2)
-        assert "tiny-lazy" not in workers(server), "the idle lazy model's worker should have exited"
+        assert "tiny-lazy" not in worker_pids(server), "the idle lazy model's worker should have exited"
         assert cards(client)["tiny-lazy"]["state"] == "unloaded"
         again = complete(client, "tiny-lazy")
         assert again.status_code == 200 and again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]

@@ -1,4 +1,4 @@
-"""LoRA merged at load equals peft's unmerged model; the merge is cached; bitsandbytes int8 / nf4 load, shrink the
+"""LoRA merged at load equals peft's unmerged model; the merge is cached; bitsandbytes int8 / nf4 / fp4 load, shrink the
 weights and still answer sensibly through the engine."""
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def test_lora_scale_is_part_of_the_cache_key(tiny_llama_dir: Path, adapter_dir: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantization", ["int8", "nf4"])
+@pytest.mark.parametrize("quantization", ["int8", "nf4", "fp4"])
 def test_quantized_smollm2_answers_sensibly_and_is_smaller(smollm2_dir: Path, quantization: str) -> None:
     pytest.importorskip("bitsandbytes")
     entry = tiny_entry(smollm2_dir, name=f"smollm2-{quantization}", quantization=quantization)
