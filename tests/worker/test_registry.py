@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,22 @@ def test_missing_chat_template(tmp_path: Path) -> None:
 def test_quantization_of_dummy_weights(tmp_path: Path) -> None:
     models = [{"name": "d", "source": "/x", "load_format": "dummy", "quantization": "nf4"}]
     assert "quantization needs real weights" in error_of(write(tmp_path, models))
+
+
+@pytest.mark.parametrize(
+    ("package", "field", "extra"), [("bitsandbytes", "quantization", "quant"), ("peft", "lora", "lora")]
+)
+def test_a_missing_optional_package_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, package: str, field: str, extra: str
+) -> None:
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    value = "int8" if field == "quantization" else {"adapter": str(tmp_path / "adapter")}
+    path = write(tmp_path, [{"name": "q", "source": "/x", field: value}])
+    load_registry(path)  # valid where the package is installed
+    monkeypatch.setitem(sys.modules, package, None)  # as if it were not
+    message = error_of(path)
+    assert f"models[0] ('q'), field '{field}'" in message and f"tokenmill[{extra}]" in message
 
 
 def test_empty_and_unreadable(tmp_path: Path) -> None:
