@@ -118,7 +118,7 @@ class ChatMessage(_Strict):
         if self.role == "tool" and self.tool_call_id is None:
             raise invalid("tool_call_id", "a tool message needs the tool_call_id it answers")
         if self.content is None and not (self.role == "assistant" and (self.tool_calls or self.refusal)):
-            raise invalid("content", f"a {self.role} message needs content")
+            raise invalid("content", f"{self.role} messages need content")
         return self
 
     def text(self) -> str:
