@@ -36,6 +36,12 @@ class Metrics:
         self.preemptions = Counter("tokenmill_num_preemptions", "Requests preempted by the scheduler.", m, registry=r)
         self.prefix_queries = Counter("tokenmill_prefix_cache_queries", "Prompt tokens looked up.", m, registry=r)
         self.prefix_hits = Counter("tokenmill_prefix_cache_hits", "Prompt tokens found in the cache.", m, registry=r)
+        self.grammar_mask = Counter(
+            "tokenmill_grammar_mask_seconds", "Time computing structured-output masks.", m, registry=r
+        )
+        self.grammar_wait = Counter(
+            "tokenmill_grammar_wait_seconds", "Time steps waited for masks after their forward.", m, registry=r
+        )
         self.rejected = Counter(
             "tokenmill_requests_rejected", "Requests refused, by reason.", [*m, "reason"], registry=r
         )
@@ -67,7 +73,7 @@ class Metrics:
         """Create every labelled series at zero, so dashboards see each model before its first request."""
         for family in (self.running, self.waiting, self.kv_usage, self.prompt_tokens, self.generation_tokens):
             family.labels(model)
-        for family in (self.preemptions, self.prefix_queries, self.prefix_hits):
+        for family in (self.preemptions, self.prefix_queries, self.prefix_hits, self.grammar_mask, self.grammar_wait):
             family.labels(model)
         for histogram in (
             self.ttft,
@@ -100,6 +106,8 @@ class Metrics:
             (self.preemptions, stats.num_preemptions, last.num_preemptions),
             (self.prefix_queries, stats.prefix_cache_queries, last.prefix_cache_queries),
             (self.prefix_hits, stats.prefix_cache_hits, last.prefix_cache_hits),
+            (self.grammar_mask, stats.grammar_mask_seconds, last.grammar_mask_seconds),
+            (self.grammar_wait, stats.grammar_wait_seconds, last.grammar_wait_seconds),
         ):
             # a restarted worker starts its counts again from zero
             counter.labels(model).inc(now - before if now >= before else now)

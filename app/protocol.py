@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from app.protocol_structured import StructuredFields
+from worker.grammar import check as check_grammar
 from worker.messages import InvalidRequest, SamplingParams
 
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]+")
@@ -152,7 +154,6 @@ _CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "parallel_tool_calls": (True, False),
     "functions": ([],),
     "function_call": ("none",),
-    "response_format": ({"type": "text"},),
     "modalities": (["text"],),
     "audio": (),
     "prediction": (),
@@ -178,7 +179,7 @@ def _drop_no_ops(data: Any, unsupported: dict[str, tuple[Any, ...]]) -> Any:
     return kept
 
 
-class _SamplingRequest(_Strict):
+class _SamplingRequest(StructuredFields, _Strict):
     """The fields chat and completions share, and their mapping to the worker's sampling params (None: the default)."""
 
     model: str
@@ -221,6 +222,9 @@ class _SamplingRequest(_Strict):
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        structured = self.structured_output()
+        if structured is not None:
+            check_grammar(structured)  # a bad schema or grammar is refused here, before anything is queued
         return SamplingParams(
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
@@ -236,6 +240,7 @@ class _SamplingRequest(_Strict):
             logprobs=logprobs,
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
+            structured=structured,
         )
 
 

@@ -22,6 +22,7 @@ from worker.registry import ModelEntry
 from worker.sampler import SampleInput, Sampler
 from worker.scheduler import Scheduler, SchedulerOutput
 from worker.sequence import Sequence
+from worker.structured import GrammarMasks
 
 if TYPE_CHECKING:
     from worker.loader import LoadedModel
@@ -70,6 +71,7 @@ class Engine:
         )
         self.runner = ModelRunner(model, num_blocks, block_size, device)
         self.sampler = Sampler(seed)
+        self.grammar = GrammarMasks(tokenizer_dir, self.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         self.pending: list[RequestOutput] = []  # outputs owed to the client outside a forward (aborts)
         self.step_count = 0
@@ -142,6 +144,13 @@ class Engine:
                 f"prompt plus max_tokens ({longest} tokens) exceeds the KV cache ({bm.num_blocks * bm.block_size} "
                 "tokens); lower max_tokens or give the model more kv_cache_memory",
             )
+        if params.structured is not None:
+            try:
+                self.grammar.add(request_id, params.structured)
+            except InvalidRequest:
+                raise
+            except Exception as exc:  # the tokenizer would not load, say: still this request's problem alone
+                raise InvalidRequest(params.structured.param, f"cannot be enforced by this model: {exc}") from exc
         seq = Sequence(request_id, list(prompt_token_ids), params, arrival=self._arrivals)
         self._arrivals += 1
         self.requests[request_id] = seq
@@ -154,7 +163,7 @@ class Engine:
             if seq is None:
                 continue
             self.scheduler.abort(seq)
-            self.sampler.release(request_id)
+            self._release(request_id)
             self.pending.append(RequestOutput(request_id, [], "abort"))
 
     def has_work(self) -> bool:
@@ -195,14 +204,25 @@ class Engine:
                 rows.append(self._sample_input(seq))
         if self.fault_hook is not None:
             self.fault_hook([item.seq.prompt_token_ids for item in plan.scheduled])
+        masks = self.grammar.start([row.request_id for row in rows])  # computed while the model runs
         logits = self.runner.execute(items)
+        for row, allowed in zip(rows, self._allowed(rows, self.grammar.finish(masks)), strict=True):
+            row.allowed = allowed
         sampled = self.sampler.sample(logits, rows) if rows else None
         tokens = dict(zip((row.request_id for row in rows), sampled.token_ids, strict=True)) if sampled else {}
         finished = {seq.request_id for seq in self.scheduler.update(plan, tokens)}
+        broken = {
+            rid: error for rid, token in tokens.items() if (error := self.grammar.advance(rid, token)) is not None
+        }
 
         outputs = []
         for index, row in enumerate(rows):
             seq = self.requests[row.request_id]
+            if row.request_id in broken and row.request_id not in finished:
+                error = broken[row.request_id]
+                log.error("structured output of %s broke: %s", row.request_id, error)
+                outputs.append(self._fail(seq, f"the structured output failed: {error}", "model_error"))
+                continue
             logprobs = sampled.logprobs[index] if sampled else None
             first = seq.num_output_tokens == 1
             outputs.append(
@@ -218,8 +238,24 @@ class Engine:
             )
         for request_id in finished:
             del self.requests[request_id]
-            self.sampler.release(request_id)
+            self._release(request_id)
         return outputs
+
+    def _allowed(self, rows: list[SampleInput], masks: dict[str, torch.Tensor]) -> list[torch.Tensor | None]:
+        """Each row's grammar mask; a matcher in an error state allows only EOS, so its request ends, not rambles."""
+        out: list[torch.Tensor | None] = []
+        for row in rows:
+            allowed = masks.get(row.request_id)
+            if allowed is not None and not bool(allowed.any()):
+                log.error("structured output of %s: %s", row.request_id, self.grammar.error(row.request_id))
+                allowed = torch.zeros_like(allowed)
+                allowed[self.eos_token_ids] = True
+            out.append(allowed)
+        return out
+
+    def _release(self, request_id: str) -> None:
+        self.sampler.release(request_id)
+        self.grammar.release(request_id)
 
     def _fail(self, seq: Sequence, message: str, code: str) -> RequestOutput:
         """End a request with an error and free its blocks; the engine keeps serving the others."""
@@ -227,13 +263,13 @@ class Engine:
             del self.requests[seq.request_id]
             self.scheduler.abort(seq)
             seq.finish_reason = "error"
-            self.sampler.release(seq.request_id)
+            self._release(seq.request_id)
         return RequestOutput(seq.request_id, [], "error", error=message, error_code=code)
 
     def _sample_input(self, seq: Sequence) -> SampleInput:
         params = seq.params
         suppress: list[int] = []
-        if seq.num_output_tokens < params.min_tokens:
+        if seq.num_output_tokens < params.min_tokens and params.structured is None:  # a grammar decides its end
             suppress = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids)
         return SampleInput(seq.request_id, params, seq.prompt_token_ids, seq.output_token_ids, suppress)
 
@@ -249,4 +285,6 @@ class Engine:
             num_preemptions=sched.num_preemptions,
             step_tokens=step_tokens,
             step_seconds=step_seconds,
+            grammar_mask_seconds=self.grammar.mask_seconds,
+            grammar_wait_seconds=self.grammar.wait_seconds,
         )

@@ -12,6 +12,15 @@ import msgspec
 FinishReason = str  # "stop" | "length" | "abort" | "error"
 
 
+class StructuredOutput(msgspec.Struct, frozen=True):
+    """A constraint on the output, enforced token by token: `kind` is json (a JSON schema, as text), json_object,
+    regex, choice (a JSON list of strings) or grammar (Lark or GBNF). See worker.grammar."""
+
+    kind: str
+    spec: str = ""
+    param: str = "response_format"  # the request field it came from, for error messages
+
+
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     """What a request asks of the sampler and the stop rules. Validated on construction and on decode."""
 
@@ -29,6 +38,7 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's logprob plus k alternatives
     stop_token_ids: list[int] = msgspec.field(default_factory=list)
     ignore_eos: bool = False
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         _check(self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}")
@@ -65,6 +75,12 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
             _check(0 <= self.logprobs <= 20, "logprobs", f"must be in [0, 20], got {self.logprobs}")
         for token_id in self.stop_token_ids:
             _check(token_id >= 0, "stop_token_ids", f"token id {token_id} is negative")
+        if self.structured is not None:
+            _check(
+                not self.ignore_eos,
+                "ignore_eos",
+                "cannot be combined with a structured output, which ends where its grammar does",
+            )
 
     @property
     def greedy(self) -> bool:
@@ -145,6 +161,8 @@ class EngineStats(msgspec.Struct):
     num_preemptions: int = 0  # cumulative
     step_tokens: int = 0  # tokens fed to the model in this step
     step_seconds: float = 0.0
+    grammar_mask_seconds: float = 0.0  # cumulative: computing structured-output masks (overlapped with forwards)
+    grammar_wait_seconds: float = 0.0  # cumulative: steps waiting for those masks after their forward
 
 
 class StepOutput(msgspec.Struct, tag=True):

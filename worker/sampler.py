@@ -26,6 +26,7 @@ class SampleInput:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     suppress_token_ids: Sequence[int]  # token ids banned at this step (EOS/stop ids while under min_tokens)
+    allowed: torch.Tensor | None = None  # bool [vocab]: the only tokens a structured output's grammar allows now
 
 
 @dataclass
@@ -53,13 +54,14 @@ def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
 
 
 def process_logits(logits: torch.Tensor, rows: Sequence[SampleInput]) -> torch.Tensor:
-    """float32 logits after bias, suppression and penalties; a new tensor when any stage applies, the input never
-    modified. Each stage is skipped when no row uses it and touches only the tokens of the rows that do."""
+    """float32 logits after bias, suppression, penalties and grammar masks; a new tensor when any stage applies, the
+    input never modified. Each stage is skipped when no row uses it and touches only the rows that do."""
     bias = [i for i, r in enumerate(rows) if r.params.logit_bias]
     suppress = [i for i, r in enumerate(rows) if r.suppress_token_ids]
     repetition = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
     frequency = [i for i, r in enumerate(rows) if r.params.frequency_penalty or r.params.presence_penalty]
-    if not (bias or suppress or repetition or frequency):
+    masks = [(i, r.allowed) for i, r in enumerate(rows) if r.allowed is not None]
+    if not (bias or suppress or repetition or frequency or masks):
         return logits.float()
     x = logits.to(torch.float32, copy=True).contiguous()
     vocab, device = x.shape[-1], x.device
@@ -85,6 +87,10 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SampleInput]) -> torch.T
         frequency_penalty = _per_row([r.params.frequency_penalty for r in rows], device)[keys // vocab]
         presence_penalty = _per_row([r.params.presence_penalty for r in rows], device)[keys // vocab]
         flat[keys] = flat[keys] - (frequency_penalty * counts + presence_penalty)  # every key here has count > 0
+    if masks:
+        grammar = [i for i, _ in masks]
+        allowed = torch.stack([mask for _, mask in masks]).to(device)
+        x[grammar] = x[grammar].masked_fill(~allowed, _NEG_INF)
     return x
 
 

@@ -316,6 +316,8 @@ COUNTERS = (
     "tokenmill_prefix_cache_hits",
     "tokenmill_requests_rejected",
     "tokenmill_requests_aborted",
+    "tokenmill_grammar_mask_seconds",
+    "tokenmill_grammar_wait_seconds",
 )
 HISTOGRAMS = (
     "tokenmill_time_to_first_token_seconds",
