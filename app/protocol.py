@@ -6,6 +6,7 @@ Responses and stream chunks live in `app.protocol_responses`.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal, Self
 
@@ -99,6 +100,15 @@ class ToolCall(_Strict):
     type: Literal["function"] = "function"
     function: ToolCallFunction
 
+    def to_template(self) -> dict[str, Any]:
+        """Templates expect the arguments as a mapping (they render it with tojson), as transformers passes them."""
+        try:
+            arguments: Any = json.loads(self.function.arguments)
+        except json.JSONDecodeError:
+            arguments = self.function.arguments
+        function = {"name": self.function.name, "arguments": arguments}
+        return {"id": self.id, "type": self.type, "function": function}
+
 
 class ChatMessage(_Strict):
     """One message of a conversation. Assistant tool calls and tool results are accepted as data for the template."""
@@ -137,10 +147,41 @@ class ChatMessage(_Strict):
         if self.name is not None:
             message["name"] = self.name
         if self.tool_calls:
-            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+            message["tool_calls"] = [call.to_template() for call in self.tool_calls]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
         return message
+
+
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class FunctionDefinition(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _FUNCTION_NAME.fullmatch(value):
+            raise invalid("", "function names are 1 to 64 letters, digits, underscores or dashes")
+        return value
+
+
+class ToolDefinition(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Strict):
@@ -149,9 +190,6 @@ class StreamOptions(_Strict):
 
 # Fields OpenAI documents that we do not support yet: rejected by name unless null or one of these no-op values.
 _CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "tools": ([],),
-    "tool_choice": ("none",),
-    "parallel_tool_calls": (True, False),
     "functions": ([],),
     "function_call": ("none",),
     "modalities": (["text"],),
@@ -257,6 +295,9 @@ class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ToolDefinition] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = Field(default=False, strict=True)
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -273,7 +314,37 @@ class ChatCompletionRequest(_SamplingRequest):
         both = self.max_tokens is not None and self.max_completion_tokens is not None
         if both and self.max_tokens != self.max_completion_tokens:
             raise invalid("max_completion_tokens", "max_tokens and max_completion_tokens disagree; send only one")
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) != len(names):
+            raise invalid("tools", "two tools have the same function name")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise invalid("tool_choice", f"tool_choice names '{choice.function.name}', which is not among the tools")
+        if choice == "required" and not names:
+            raise invalid("tool_choice", "tool_choice 'required' needs tools")
+        if self.forces_tool_call and self.structured_output() is not None:
+            raise invalid("tool_choice", "a forced tool call cannot be combined with another structured output")
         return self
+
+    @property
+    def tools_active(self) -> bool:
+        """Tools are offered to the model (and its reply is parsed for calls)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def forces_tool_call(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+
+    def offered_tools(self) -> list[dict[str, Any]]:
+        """The tools as the chat template receives them (none when tool_choice is 'none')."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools or []] if self.tools_active else []
+
+    def forced_tools(self) -> list[dict[str, Any]]:
+        """The tools a forced call may use: the named one, or all of them for 'required'."""
+        tools = self.offered_tools()
+        if isinstance(self.tool_choice, NamedToolChoice):
+            tools = [tool for tool in tools if tool["function"]["name"] == self.tool_choice.function.name]
+        return tools
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """`default_max_tokens` applies when the request sets no limit (typically what is left of the context)."""

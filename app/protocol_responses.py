@@ -116,6 +116,7 @@ class ChatResponseMessage(_Response):
     ALWAYS = frozenset({"content"})
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(_Response):
@@ -141,6 +142,7 @@ class ChatDelta(_Response):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # ToolCallDelta.to_dict(): index, then id/type/name, arguments
 
 
 class ChatChunkChoice(_Response):

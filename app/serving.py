@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -30,8 +31,10 @@ from app.protocol_responses import (
     new_id,
 )
 from app.settings import Settings
-from app.tokenizer import ChatTemplateError
-from worker.messages import SamplingParams
+from app.tokenizer import ChatTemplateError, Tokenizer
+from app.tool_calls import ToolCallParser, ToolFormat, detect_format, forced_call_grammar
+from worker.grammar import check as check_grammar
+from worker.messages import InvalidRequest, SamplingParams, StructuredOutput
 
 SSE_DONE = "data: [DONE]\n\n"
 SSE_KEEPALIVE = ": keep-alive\n\n"
@@ -63,8 +66,12 @@ class Serving:
             raise APIError.context_length_exceeded(limit, longest, params.max_tokens, param=param)
         return params
 
-    def _generation(self, served: ServedModel, prompts: list[list[int]], body: Any) -> Generation:
+    def _generation(
+        self, served: ServedModel, prompts: list[list[int]], body: Any, structured: StructuredOutput | None = None
+    ) -> Generation:
         params = self._params(served, prompts, body)
+        if structured is not None:
+            params = msgspec.structs.replace(params, structured=structured)
         timeout = min(filter(None, (body.timeout, self.settings.request_timeout)), default=None)
         return Generation(
             served, prompts, params, body.n, body.stop_strings, self.metrics, timeout, self.settings.keepalive_seconds
@@ -77,13 +84,18 @@ class Serving:
         tokenizer = served.tokenizer
         assert tokenizer is not None
         messages = [m.to_template() for m in body.messages]
+        tools = body.offered_tools()
+        tool_format = _tool_format(served, tokenizer) if tools else None
+        extra = {"tools": tools} if tools else {}
         try:
-            prompt = await asyncio.to_thread(tokenizer.apply_chat_template, messages, True)
+            prompt = await asyncio.to_thread(tokenizer.apply_chat_template, messages, True, **extra)
         except ChatTemplateError as exc:
             raise APIError.invalid_request(str(exc), param="messages") from exc
-        gen = self._generation(served, [prompt], body)
+        forced = _forced_call(body, tool_format, tokenizer) if body.forces_tool_call else None
+        gen = self._generation(served, [prompt], body, forced)
         response_id = new_id("chatcmpl")
         want_logprobs = body.logprobs
+        parsers = {c.index: ToolCallParser(tool_format) for c in gen.choices} if tool_format else {}
 
         if body.stream:
 
@@ -93,13 +105,24 @@ class Serving:
 
             def chunk(delta: Delta) -> str:
                 logprobs = chat_logprobs(delta.choice.detok, delta.logprobs) if want_logprobs else None
+                reason = delta.choice.finish_reason
+                content, calls = delta.text, None
+                parser = parsers.get(delta.choice.index)
+                if parser is not None:
+                    content, tool_deltas = parser.feed(delta.text)
+                    if reason:
+                        rest, more = parser.finish()
+                        content, tool_deltas = content + rest, tool_deltas + more
+                    calls = [d.to_dict() for d in tool_deltas] or None
+                    if not (content or calls or reason or logprobs):
+                        return ""  # all held back: a marker may be starting
                 choice = ChatChunkChoice(
                     index=delta.choice.index,
-                    delta=ChatDelta(content=delta.text)
-                    if delta.text or not delta.choice.finish_reason
+                    delta=ChatDelta(content=content or None if calls else content, tool_calls=calls)
+                    if content or calls or not reason
                     else ChatDelta(),
                     logprobs=logprobs,
-                    finish_reason=_finish(delta.choice.finish_reason),
+                    finish_reason=_finish(reason, bool(parser and parser.calls)),
                 )
                 return ChatCompletionChunk(id=response_id, model=served.name, choices=[choice]).to_sse()
 
@@ -110,15 +133,23 @@ class Serving:
             return self._stream(gen, prelude, chunk, usage if body.include_usage else None)
 
         await self._collect(gen, request)
-        choices = [
-            ChatChoice(
-                index=c.index,
-                message=ChatResponseMessage(content=c.detok.text),
-                logprobs=chat_logprobs(c.detok, c.logprobs[: c.num_tokens]) if want_logprobs else None,
-                finish_reason=_finish(c.finish_reason) or "stop",
+        choices = []
+        for c in gen.choices:
+            message = ChatResponseMessage(content=c.detok.text)
+            if tool_format is not None:
+                content, calls = ToolCallParser(tool_format).parse_all(c.detok.text)
+                tool_calls = [_tool_call(call.id, call.name, call.arguments) for call in calls]
+                message = ChatResponseMessage(
+                    content=content or None if calls else content, tool_calls=tool_calls or None
+                )
+            choices.append(
+                ChatChoice(
+                    index=c.index,
+                    message=message,
+                    logprobs=chat_logprobs(c.detok, c.logprobs[: c.num_tokens]) if want_logprobs else None,
+                    finish_reason=_finish(c.finish_reason, bool(message.tool_calls)) or "stop",
+                )
             )
-            for c in gen.choices
-        ]
         out = ChatCompletionResponse(id=response_id, model=served.name, choices=choices, usage=_usage(gen))
         return JSONResponse(out.to_dict())
 
@@ -217,7 +248,9 @@ class Serving:
                     if delta is None:
                         yield SSE_KEEPALIVE
                     elif delta.text or delta.choice.finish_reason or delta.logprobs:
-                        yield chunk(delta)
+                        event = chunk(delta)
+                        if event:
+                            yield event
                 if usage is not None:
                     yield usage()
             except APIError as exc:
@@ -230,11 +263,44 @@ class Serving:
         return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
-def _finish(reason: str | None) -> Any:
-    """The engine's reasons map onto OpenAI's; an abort only reaches a client that is still there by a timeout."""
+def _finish(reason: str | None, tool_calls: bool = False) -> Any:
+    """The engine's reasons map onto OpenAI's; an abort only reaches a client that is still there by a timeout.
+    A reply that ended by itself after making tool calls finished with 'tool_calls'."""
     if reason is None:
         return None
-    return "length" if reason == "length" else "stop"
+    if reason == "length":
+        return "length"
+    return "tool_calls" if tool_calls and reason == "stop" else "stop"
+
+
+def _tool_format(served: ServedModel, tokenizer: Tokenizer) -> ToolFormat:
+    """The model's tool-call format: from models.yaml, or recognised in its chat template; 400 if it has none."""
+    chosen = served.entry.tool_parser
+    found = detect_format(tokenizer.chat_template) if chosen == "auto" else None if chosen == "none" else chosen
+    if found is None:
+        raise APIError.invalid_request(
+            f"model '{served.name}' has no tool-call format: its chat template teaches none; set tool_parser "
+            "(hermes, llama3_json or mistral) in models.yaml",
+            param="tools",
+        )
+    return found
+
+
+def _forced_call(body: ChatCompletionRequest, tool_format: ToolFormat | None, tokenizer: Tokenizer) -> StructuredOutput:
+    """The grammar of a call that tool_choice 'required' or a named function forces."""
+    assert tool_format is not None
+    special = {tokenizer.fast.id_to_token(i) or "": i for i in tokenizer.special_ids}
+    grammar = forced_call_grammar(tool_format, body.forced_tools(), body.parallel_tool_calls, special)
+    structured = StructuredOutput("grammar", grammar, "tools")
+    try:
+        check_grammar(structured)
+    except InvalidRequest as exc:
+        raise APIError.invalid_request(f"the tools' parameters cannot be enforced: {exc}", param="tools") from exc
+    return structured
+
+
+def _tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def _usage(gen: Generation) -> Usage:

@@ -2,7 +2,7 @@
 script starts. Reports errors (other than the deliberate disconnects), each process's RSS at warm-up and at the end,
 and p99 latency per minute.
 
-    python -m loadtests.soak [--minutes 10] [--rate 2] [--disconnect 0.2]
+    python -m loadtests.soak [--minutes 10] [--rate 2] [--disconnect 0.2] [--warmup 2]
 """
 
 from __future__ import annotations
@@ -63,10 +63,11 @@ async def one(client: httpx.AsyncClient, rng: random.Random, disconnect: float) 
         return f"error: {exc!r}", 0.0
 
 
-async def soak(url: str, minutes: float, rate: float, disconnect: float, pid: int) -> int:
+async def soak(url: str, minutes: float, rate: float, disconnect: float, pid: int, warmup: float) -> int:
     rng = random.Random(11)
     results: list[tuple[float, str, float]] = []
     warm: dict[str, float] = {}
+    rss_per_minute: list[dict[str, float]] = []
     start = time.monotonic()
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         tasks = []
@@ -77,8 +78,10 @@ async def soak(url: str, minutes: float, rate: float, disconnect: float, pid: in
 
         while time.monotonic() - start < minutes * 60:
             elapsed = time.monotonic() - start
-            if not warm and elapsed > 60:
+            if not warm and elapsed > warmup * 60:
                 warm = rss_by_process(pid)
+            if elapsed > 60 * (len(rss_per_minute) + 1):
+                rss_per_minute.append(rss_by_process(pid))
             tasks.append(asyncio.create_task(record(elapsed)))
             await asyncio.sleep(rng.expovariate(rate))
         await asyncio.gather(*tasks)
@@ -92,11 +95,16 @@ async def soak(url: str, minutes: float, rate: float, disconnect: float, pid: in
     print(f"{len(results)} requests, {sum(1 for _, s, _ in results if s == 'disconnected')} disconnected on purpose")
     print(f"errors: {len(errors)}" + (f" (first: {errors[0]})" if errors else ""))
     for minute, latencies in sorted(per_minute.items()):
-        print(f"minute {minute + 1}: {len(latencies)} completed, p99 latency {percentile(latencies, 0.99):.2f} s")
+        rss = rss_per_minute[minute] if minute < len(rss_per_minute) else end
+        memory = ", ".join(f"{name} {mib:.0f} MiB" for name, mib in rss.items())
+        print(
+            f"minute {minute + 1}: {len(latencies)} completed, p99 latency {percentile(latencies, 0.99):.2f} s; "
+            f"RSS at its end: {memory}"
+        )
     for name, before in warm.items():
         after = end.get(name, float("nan"))
         growth = (after / before - 1) * 100
-        print(f"{name}: RSS {before:.0f} MiB after warm-up, {after:.0f} MiB at the end ({growth:+.1f}%)")
+        print(f"{name}: RSS {before:.0f} MiB after {warmup:g} min, {after:.0f} MiB at the end ({growth:+.1f}%)")
     return 1 if errors else 0
 
 
@@ -106,13 +114,14 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=2.0, help="requests per second (Poisson)")
     parser.add_argument("--disconnect", type=float, default=0.2, help="share of clients that hang up early")
     parser.add_argument("--port", type=int, default=8320)
+    parser.add_argument("--warmup", type=float, default=2.0, help="minutes before the baseline RSS is taken")
     args = parser.parse_args()
     cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(args.port), "--max-waiting-requests", "1024"]
     server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{args.port}"
         wait_ready(url)
-        return asyncio.run(soak(url, args.minutes, args.rate, args.disconnect, server.pid))
+        return asyncio.run(soak(url, args.minutes, args.rate, args.disconnect, server.pid, args.warmup))
     finally:
         server.terminate()
         server.wait(60)

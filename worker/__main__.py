@@ -29,7 +29,7 @@ from worker.messages import (
     WorkerError,
 )
 from worker.registry import load_registry
-from worker.runtime import configure_threads
+from worker.runtime import HeapTrimmer, configure_threads
 
 log = logging.getLogger("tokenmill.worker")
 
@@ -47,7 +47,9 @@ def serve(sock: socket.socket, engine: Engine) -> None:
     inbox: queue.Queue[ToWorker | None] = queue.Queue()
     threading.Thread(target=_reader, args=(sock, inbox), name="tokenmill-reader", daemon=True).start()
     transport.send(sock, engine.model_info())
+    trimmer = HeapTrimmer()
     while True:
+        trimmer.maybe_trim()
         rejected: list[RequestOutput] = []
         block = not engine.has_work()
         while True:

@@ -84,6 +84,7 @@ class ModelEntry(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "int8", "nf4", "fp4"] = "none"  # bitsandbytes, applied after any LoRA merge
     lora: LoraSpec | None = None
+    tool_parser: Literal["auto", "hermes", "llama3_json", "mistral", "none"] = "auto"  # auto: from the template
     aliases: list[str] = Field(default_factory=list)  # other names clients may send
     chat_template: str | None = None  # a Jinja file that overrides the tokenizer's template
     load: Literal["eager", "lazy"] = "eager"  # lazy: load on the first request
