@@ -65,37 +65,33 @@ class StructuredFields(BaseModel):
 
     def structured_output(self) -> StructuredOutput | None:
         """The one constraint the request asks for; more than one is refused (which would win is not obvious)."""
-        found: list[StructuredOutput] = []
-        rf = self.response_format
-        if rf is not None and rf.type == "json_object":
-            found.append(StructuredOutput("json_object", param="response_format"))
-        if rf is not None and rf.json_schema is not None:
-            found.append(StructuredOutput("json", json.dumps(rf.json_schema.json_schema), "response_format"))
-        if self.guided_json is not None:
-            found.append(StructuredOutput("json", _text(self.guided_json), "guided_json"))
-        if self.guided_regex is not None:
-            found.append(StructuredOutput("regex", self.guided_regex, "guided_regex"))
-        if self.guided_choice is not None:
-            found.append(StructuredOutput("choice", json.dumps(self.guided_choice), "guided_choice"))
-        if self.guided_grammar is not None:
-            found.append(StructuredOutput("grammar", self.guided_grammar, "guided_grammar"))
-        so = self.structured_outputs
+        rf, so = self.response_format, self.structured_outputs
+        candidates: list[tuple[str, Any, str]] = [  # (kind, value or None, the field it came from)
+            ("json_object", (rf is not None and rf.type == "json_object") or None, "response_format"),
+            ("json", rf.json_schema.json_schema if rf is not None and rf.json_schema else None, "response_format"),
+            ("json", self.guided_json, "guided_json"),
+            ("regex", self.guided_regex, "guided_regex"),
+            ("choice", self.guided_choice, "guided_choice"),
+            ("grammar", self.guided_grammar, "guided_grammar"),
+        ]
         if so is not None:
-            if so.json_schema is not None:
-                found.append(StructuredOutput("json", _text(so.json_schema), "structured_outputs.json"))
-            if so.regex is not None:
-                found.append(StructuredOutput("regex", so.regex, "structured_outputs.regex"))
-            if so.choice is not None:
-                found.append(StructuredOutput("choice", json.dumps(so.choice), "structured_outputs.choice"))
-            if so.grammar is not None:
-                found.append(StructuredOutput("grammar", so.grammar, "structured_outputs.grammar"))
-            if so.json_object:
-                found.append(StructuredOutput("json_object", param="structured_outputs.json_object"))
+            candidates += [
+                ("json", so.json_schema, "structured_outputs.json"),
+                ("regex", so.regex, "structured_outputs.regex"),
+                ("choice", so.choice, "structured_outputs.choice"),
+                ("grammar", so.grammar, "structured_outputs.grammar"),
+                ("json_object", so.json_object or None, "structured_outputs.json_object"),
+            ]
+        given = [(kind, value, param) for kind, value, param in candidates if value is not None]
+        found = [StructuredOutput(kind, _spec(kind, value), param) for kind, value, param in given]
         if len(found) > 1:
             names = ", ".join(item.param for item in found)
             raise _invalid(found[1].param, f"send one structured output constraint, not several ({names})")
         return found[0] if found else None
 
 
-def _text(schema: dict[str, Any] | str) -> str:
-    return schema if isinstance(schema, str) else json.dumps(schema)
+def _spec(kind: str, value: Any) -> str:
+    """The constraint as the worker's text: a schema or choice list as JSON, a regex or grammar as it is."""
+    if kind == "json_object":
+        return ""
+    return value if isinstance(value, str) else json.dumps(value)

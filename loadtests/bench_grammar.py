@@ -19,26 +19,10 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
+from tests.worker.test_structured import PERSON as SCHEMA
 from worker.loader import default_cache_dir, load_model
 from worker.registry import DEFAULT_SOURCE, ModelEntry
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 24},
-        "age": {"type": "integer", "minimum": 0, "maximum": 130},
-        "role": {"enum": ["admin", "user", "guest"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
-        "address": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-            "required": ["city", "zip"],
-            "additionalProperties": False,
-        },
-    },
-    "required": ["name", "age", "role", "tags", "address"],
-    "additionalProperties": False,
-}
 DOCUMENT = {
     "name": "Ada Lovelace",
     "age": 36,
