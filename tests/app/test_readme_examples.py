@@ -37,7 +37,9 @@ def run_example(code: str, server: Server, shell: list[str]) -> str:
 
 
 def test_readme_has_the_examples() -> None:
-    assert {"curl-chat", "curl-stream", "curl-completions", "python-sdk"} <= examples().keys()
+    assert {"curl-chat", "curl-stream", "curl-completions", "python-sdk", "curl-json-schema", "python-structured"} <= (
+        examples().keys()
+    )
 
 
 def test_curl_chat(server: Server) -> None:
@@ -73,3 +75,14 @@ def test_python_sdk(server: Server) -> None:
 def test_models_list_names_the_default(server: Server) -> None:
     with server.client() as client:
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["smollm2"]
+
+
+def test_curl_json_schema(server: Server) -> None:
+    reply = json.loads(run_example(examples()["curl-json-schema"], server, ["bash", "-c"]))
+    city = json.loads(reply["choices"][0]["message"]["content"])
+    assert set(city) == {"name", "country"} and reply["choices"][0]["finish_reason"] == "stop"
+
+
+def test_python_structured(server: Server) -> None:
+    out = run_example(examples()["python-structured"], server, [sys.executable, "-c"])
+    assert out.startswith("name=") and "country=" in out
