@@ -75,7 +75,7 @@ def test_a_valid_request_passes(client: TestClient) -> None:
         ({"messages": USER}, "model", "missing_required_parameter"),
         ({"model": "smollm2"}, "messages", "missing_required_parameter"),
         ({"model": "smollm2", "messages": USER, "frobnicate": 1}, "frobnicate", "unknown_parameter"),
-        ({"model": "smollm2", "messages": USER, "tools": [{"type": "function"}]}, "tools", "unsupported_parameter"),
+        ({"model": "smollm2", "messages": USER, "functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
         ({"model": "smollm2", "messages": USER, "temperature": "hot"}, "temperature", "invalid_value"),
         ({"model": "smollm2", "messages": USER, "stop": 3}, "stop", "invalid_value"),
         (

@@ -122,14 +122,8 @@ INVALID = [
     ("model-missing", COMPLETIONS, {"prompt": "hi"}, "missing_required_parameter", "model"),
     ("unknown-field", CHAT, chat(temprature=0.5), "unknown_parameter", "temprature"),
     ("unknown-field-completions", COMPLETIONS, completion(foo=1), "unknown_parameter", "foo"),
-    ("tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), "unsupported_parameter", "tools"),
-    (
-        "response-format",
-        CHAT,
-        chat(response_format={"type": "json_object"}),
-        "unsupported_parameter",
-        "response_format",
-    ),
+    ("functions", CHAT, chat(functions=[{"name": "f"}]), "unsupported_parameter", "functions"),
+    ("audio", CHAT, chat(audio={"voice": "alloy", "format": "wav"}), "unsupported_parameter", "audio"),
     ("suffix", COMPLETIONS, completion(suffix="!"), "unsupported_parameter", "suffix"),
     ("logit-bias-outside-vocab", CHAT, chat(logit_bias={"100000": 5}), "invalid_value", "logit_bias"),
     ("logit-bias-outside-vocab-cmpl", COMPLETIONS, completion(logit_bias={"99999": 1}), "invalid_value", "logit_bias"),
@@ -156,7 +150,7 @@ def test_loosely_typed_values_are_400(client: httpx.Client, fields: dict[str, An
 
 
 def test_unsupported_fields_with_no_op_values_are_accepted(client: httpx.Client) -> None:
-    response = client.post(CHAT, json=chat(tools=None, tool_choice="none", store=False))
+    response = client.post(CHAT, json=chat(functions=None, function_call="none", store=False))
     assert response.status_code == 200, response.text
 
 
