@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from app.auth import ApiKeyGuard
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.metrics import Metrics
@@ -45,7 +46,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="tokenmill", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
-    app.state.api_keys = settings.api_keys()
     app.state.metrics = metrics
     app.state.pool = pool
     app.state.serving = Serving(pool, metrics, settings)
@@ -54,6 +54,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tokenize.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    # Added last, runs first: header and declared-size limits, then the API key, then the streamed body; no body is
+    # read for a client without a key.
+    app.add_middleware(ApiKeyGuard, keys=settings.api_keys(), metrics_open=settings.metrics_open)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, read_timeout=settings.body_read_timeout)
     return app
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from app.dependencies import MetricsDep, PoolDep, require_api_key_for_metrics
+from app.dependencies import MetricsDep, PoolDep
 from app.metrics import CONTENT_TYPE
 
 router = APIRouter()
@@ -26,6 +26,6 @@ async def ready(pool: PoolDep) -> JSONResponse:
     return JSONResponse({"status": "ready", "models": {name: "ready" for name in pool.models}})
 
 
-@router.get("/metrics", dependencies=[Depends(require_api_key_for_metrics)])
+@router.get("/metrics")  # behind the API key unless --metrics-open (app.auth)
 async def metrics(metrics: MetricsDep) -> Response:
     return Response(metrics.render(), media_type=CONTENT_TYPE)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from app.dependencies import PoolDep, ServingDep, require_api_key
+from app.dependencies import PoolDep, ServingDep
 from app.protocol import ChatCompletionRequest, CompletionRequest
 from app.protocol_responses import ModelCard, ModelList
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1")
 
 
 @router.post("/chat/completions")

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
-from app.dependencies import PoolDep, require_api_key
+from app.dependencies import PoolDep
 from app.errors import APIError
 from app.model_pool import ModelPool, ServedModel
 from app.protocol import DetokenizeRequest, TokenizeRequest
 from app.protocol_responses import DetokenizeResponse, TokenizeResponse
 from app.tokenizer import ChatTemplateError, Tokenizer
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter()
 
 
 async def _model(pool: ModelPool, name: str | None) -> tuple[ServedModel, Tokenizer]:

@@ -46,6 +46,31 @@ def test_other_keys_are_refused(server: Server, key: str | None) -> None:
         assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
 
 
+@pytest.mark.parametrize(
+    ("path", "content"),
+    [
+        ("/v1/chat/completions", b"{not json"),
+        ("/v1/completions", b'{"model": 5}'),
+        ("/tokenize", b"[]"),
+        ("/admin/reload", b""),
+        ("/metrics", b""),
+        ("/v1/no-such-route", b"{}"),
+    ],
+)
+def test_a_client_without_a_key_gets_401_before_its_body_is_looked_at(
+    server: Server, path: str, content: bytes
+) -> None:
+    with server.client() as client:
+        response = client.post(path, content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_the_probes_stay_open(server: Server) -> None:
+    with server.client() as client:
+        assert client.get("/health").status_code == 200 and client.get("/ready").status_code == 200
+
+
 def test_no_key_is_logged(server: Server) -> None:
     with server.client() as client:
         chat(client, "key-one")
