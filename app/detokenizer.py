@@ -59,6 +59,10 @@ class IncrementalDetokenizer:
         self.stopped = False
         self.stop_string: str | None = None  # the stop string that matched
         self.num_tokens = 0  # ids consumed; after a stop, those after the one that completed it are not counted
+        # Characters of output before each consumed token: a token that ends inside a multi-byte character adds
+        # none, and shares its offset with the token that completes the character.
+        self.token_offsets: list[int] = []
+        self._decoded_chars = 0
 
     @property
     def text(self) -> str:
@@ -72,7 +76,10 @@ class IncrementalDetokenizer:
         out: list[str] = []
         for token_id in token_ids:
             self.num_tokens += 1
-            out.append(self._emit(self._step(token_id), final=False))
+            self.token_offsets.append(self._decoded_chars)
+            new_text = self._step(token_id)
+            self._decoded_chars += len(new_text)
+            out.append(self._emit(new_text, final=False))
             if self.stopped:
                 break
         return "".join(out)

@@ -26,15 +26,19 @@ def chat_logprobs(detok: IncrementalDetokenizer, items: list[SampleLogprobs]) ->
     return ChatLogprobs(content=content)
 
 
-def completion_logprobs(detok: IncrementalDetokenizer, items: list[SampleLogprobs], offset: int) -> CompletionLogprobs:
+def completion_logprobs(
+    detok: IncrementalDetokenizer, items: list[SampleLogprobs], first: int, echo_chars: int
+) -> CompletionLogprobs:
+    """`items` are the logprobs of the sequence's tokens `first`, `first + 1`, ...; each token's text_offset is where
+    its text begins in the choice's text (after `echo_chars` of echoed prompt), as the detokenizer recorded it."""
     out = CompletionLogprobs()
-    for item in items:
+    items = items[: max(0, len(detok.token_offsets) - first)]  # none for tokens after a stop string
+    for index, item in enumerate(items, start=first):
         token = detok.token_text(item.chosen.token_id)
         out.tokens.append(token)
         out.token_logprobs.append(item.chosen.logprob)
         top = {detok.token_text(alt.token_id): alt.logprob for alt in item.top}
         top.setdefault(token, item.chosen.logprob)  # OpenAI: the sampled token is always there (up to k + 1)
         out.top_logprobs.append(top)
-        out.text_offset.append(offset)
-        offset += len(token)
+        out.text_offset.append(echo_chars + detok.token_offsets[index])
     return out

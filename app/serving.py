@@ -171,14 +171,15 @@ class Serving:
         want_logprobs = body.logprobs is not None
 
         if body.stream:
-            offsets = {c.index: len(echo[c.prompt_index]) for c in gen.choices}
+            sent = dict.fromkeys((c.index for c in gen.choices), 0)  # tokens whose logprobs went out, per choice
 
             def chunk(delta: Delta) -> str:
                 choice = delta.choice
                 logprobs = None
                 if want_logprobs:
-                    logprobs = completion_logprobs(choice.detok, delta.logprobs, offsets[choice.index])
-                offsets[choice.index] += len(delta.text)
+                    echo_chars = len(echo[choice.prompt_index])
+                    logprobs = completion_logprobs(choice.detok, delta.logprobs, sent[choice.index], echo_chars)
+                    sent[choice.index] += len(delta.logprobs)
                 out = CompletionChoice(
                     index=choice.index,
                     text=delta.text,
@@ -206,7 +207,7 @@ class Serving:
             CompletionChoice(
                 index=c.index,
                 text=echo[c.prompt_index] + c.detok.text,
-                logprobs=completion_logprobs(c.detok, c.logprobs[: c.num_tokens], len(echo[c.prompt_index]))
+                logprobs=completion_logprobs(c.detok, c.logprobs[: c.num_tokens], 0, len(echo[c.prompt_index]))
                 if want_logprobs
                 else None,
                 finish_reason=_finish(c.finish_reason) or "stop",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -353,7 +354,31 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
             for c in chunk.choices:
                 if c.logprobs is not None and c.logprobs.content:
                     streamed += [(t.token, t.logprob) for t in c.logprobs.content]
-    assert streamed == [(t.token, t.logprob) for t in content]
+    # Same tokens; logprobs equal up to float noise (a prefix-cache hit computes the prompt in other chunks).
+    assert [token for token, _ in streamed] == [t.token for t in content]
+    assert [logprob for _, logprob in streamed] == pytest.approx([t.logprob for t in content], abs=1e-4)
+
+
+def test_completions_text_offset_counts_characters_not_token_pieces(client: openai.OpenAI) -> None:
+    """The tiny byte-level vocabulary splits 'é' and '你' into several tokens; a token that ends inside a character
+    adds no text, so it shares its offset with the token that completes it, streamed or not."""
+    text = "héllo 你好 ok"
+    body: Any = {"guided_regex": re.escape(text).replace("\\ ", " ")}
+    args: Any = {"model": TINY, "prompt": "hi", "max_tokens": 40, "temperature": 0, "logprobs": 0, "echo": True}
+    whole = client.completions.create(**args, extra_body=body).choices[0]
+    echo = len("hi")
+    assert whole.text == "hi" + text and whole.logprobs is not None
+    offsets = whole.logprobs.text_offset
+    assert offsets == sorted(offsets) and offsets[0] == echo and len(set(offsets)) < len(offsets)  # some shared
+    assert whole.logprobs.tokens[-1] == "<|im_end|>"  # the grammar's end; special, so it adds no text
+    for token, offset in zip(whole.logprobs.tokens[:-1], offsets[:-1], strict=True):
+        if REPLACEMENT not in token:  # a whole-character token starts exactly where its text is
+            assert whole.text[offset : offset + len(token)] == token
+    streamed: list[int] = []
+    for chunk in client.completions.create(**args, extra_body=body, stream=True):
+        for choice in chunk.choices:
+            streamed += choice.logprobs.text_offset if choice.logprobs else []
+    assert streamed == offsets
 
 
 def test_completions_logprobs(client: openai.OpenAI) -> None:
