@@ -38,6 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout", type=float, help="on SIGTERM, seconds for in-flight requests (default: 30)")
     serve.add_argument("--cache-dir", help="where converted weights are cached (default: ~/.cache/tokenmill)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(default: info)")
+    ray = serve.add_argument_group("Ray Serve", "run replicas of this server as a Ray Serve application")
+    ray.add_argument("--ray", action="store_true", help="deploy on Ray Serve (pip install 'tokenmill[ray]')")
+    ray.add_argument("--ray-address", default=None, help="a cluster to join ('auto', 'ray://...'); default: a new one")
+    ray.add_argument("--min-replicas", type=int, default=1, help="replicas kept running (default: 1)")
+    ray.add_argument("--max-replicas", type=int, default=1, help="autoscaling ceiling (default: 1)")
+    ray.add_argument(
+        "--target-ongoing-requests", type=float, default=16, help="ongoing requests per replica to scale at (16)"
+    )
+    ray.add_argument("--max-ongoing-requests", type=int, default=64, help="requests a replica takes at once (64)")
+    ray.add_argument(
+        "--max-queued-requests", type=int, default=256, help="requests queued for replicas; past it: 429 (256)"
+    )
     build_generate_parser(sub.add_parser("generate", help="generate offline (no HTTP) with a model of the registry"))
     return parser
 
@@ -59,6 +71,10 @@ def serve(args: argparse.Namespace) -> int:
         for name, value in vars(args).items()
         if name not in ("command",) and value is not None and name in Settings.model_fields
     }
+    if args.ray:
+        from app.ray_serve import run as run_on_ray
+
+        return run_on_ray(args, given)
     try:
         settings = Settings(**given)
         app = create_app(settings)
