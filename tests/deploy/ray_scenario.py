@@ -53,6 +53,21 @@ def complete(_: int) -> tuple[int, str]:
     return response.status_code, response.headers.get(REPLICA_HEADER, "")
 
 
+def flood(n: int = 48) -> list[tuple[int, str]]:
+    """More requests at once than the replicas take and Serve queues: the rest get 429 with Retry-After."""
+
+    def one(_: int) -> tuple[int, str]:
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 48, "ignore_eos": True}
+        try:
+            response = httpx.post(f"{BASE}/v1/completions", json=body, timeout=120)
+        except httpx.HTTPError as exc:
+            return 0, type(exc).__name__
+        return response.status_code, response.headers.get("retry-after", "")
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
 def burst(n: int = 24) -> list[tuple[int, str]]:
     with ThreadPoolExecutor(8) as pool:
         return list(pool.map(complete, range(n)))
@@ -74,6 +89,7 @@ def main(registry: str, model: str, log_path: str) -> int:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     cmd = [sys.executable, "-m", "app.cli", "serve", "--ray", "--models", registry, "--port", str(PORT)]
     cmd += ["--min-replicas", "2", "--max-replicas", "2", "--kv-cache-memory", "64MiB"]
+    cmd += ["--max-ongoing-requests", "8", "--max-queued-requests", "4"]
     result: dict[str, Any] = {}
     with Path(log_path).open("wb") as log:
         driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -94,6 +110,7 @@ def main(registry: str, model: str, log_path: str) -> int:
 
         result["recovery_s"] = wait(replaced, 300, "the killed replica to be replaced")
         result["after"] = burst()
+        result["flood"] = flood()
         result["before_ids"], result["new_ids"] = sorted(before), sorted(seen - before)
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
