@@ -242,7 +242,11 @@ class ToolCallParser:
         if self.region_start is None:
             self.bare_undecided = False
         content = self._release_content(final=True)
-        return content, self._call_deltas(final=True)
+        deltas = self._call_deltas(final=True)
+        if self.region_start is not None and not self.calls:  # a marker, but no call in it: the text is content
+            content += self.text[self.content_sent :]
+            self.content_sent = len(self.text)
+        return content, deltas
 
     def parse_all(self, text: str) -> tuple[str, list[ToolCall]]:
         """Parse a whole reply: its content and its calls (as a streamed reply would have given them)."""

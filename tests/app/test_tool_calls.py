@@ -24,6 +24,7 @@ CASES: list[tuple[ToolFormat, str, str, list[tuple[str, str]]]] = [
      [("get_weather", '{"city": "Oslo"}')]),
     ("llama3_json", '<|python_tag|>{"name": "f", "parameters": {}}', "", [("f", "{}")]),
     ("llama3_json", '{"answer": 42}', '{"answer": 42}', []),
+    ("hermes", 'Use <tool_call> tags: {"no": "name"}', 'Use <tool_call> tags: {"no": "name"}', []),
     ("llama3_json", "The answer is {x}.", "The answer is {x}.", []),
     ("mistral", '[TOOL_CALLS] [{"name": "f", "arguments": {"a": "b"}}, {"name": "g", "arguments": {}}]', "",
      [("f", '{"a": "b"}'), ("g", "{}")]),
