@@ -25,6 +25,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def model_entry(source: str | Path, name: str = "tiny", **overrides: Any) -> dict[str, Any]:
+    """A registry entry for a test model: float32 (exact against transformers) and a small KV cache."""
+    return {"name": name, "source": str(source), "dtype": "float32", "kv_cache_memory": "8MiB", **overrides}
+
+
 def write_registry(path: Path, entries: list[dict[str, Any]]) -> Path:
     path.write_text(yaml.safe_dump({"models": entries}, sort_keys=False))
     return path

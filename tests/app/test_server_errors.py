@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.server_harness import Server, start_server, write_registry
+from tests.server_harness import Server, model_entry, start_server, write_registry
 
 MODEL = "tiny"
 KEY = "sk-test-0123456789"
@@ -24,15 +24,7 @@ MESSAGES = [{"role": "user", "content": "Hello there."}]
 
 @pytest.fixture(scope="module")
 def registry(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    entry = {
-        "name": MODEL,
-        "source": str(tiny_llama_dir),
-        "dtype": "float32",
-        "kv_cache_memory": "8MiB",
-        "max_waiting_requests": 4,
-        "max_num_seqs": 4,
-        "threads": 1,
-    }
+    entry = model_entry(tiny_llama_dir, MODEL, max_waiting_requests=4, max_num_seqs=4, threads=1)
     return write_registry(tmp_path_factory.mktemp("errors-registry") / "models.yaml", [entry])
 
 

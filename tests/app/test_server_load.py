@@ -22,7 +22,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server_harness import REPO, Server, start_server, write_registry
+from tests.server_harness import REPO, Server, model_entry, start_server, write_registry
 
 MAX_WAITING = 4
 MAX_NUM_SEQS = 4
@@ -35,15 +35,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 @pytest.fixture(scope="module")
 def registry(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    entry = {
-        "name": MODEL,
-        "source": str(tiny_llama_dir),
-        "dtype": "float32",
-        "kv_cache_memory": "8MiB",
-        "max_waiting_requests": MAX_WAITING,
-        "max_num_seqs": MAX_NUM_SEQS,
-        "threads": 1,
-    }
+    entry = model_entry(tiny_llama_dir, MODEL, max_waiting_requests=MAX_WAITING, max_num_seqs=MAX_NUM_SEQS, threads=1)
     return write_registry(tmp_path_factory.mktemp("load-registry") / "models.yaml", [entry])
 
 

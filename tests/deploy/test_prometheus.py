@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.server_harness import REPO, Server, free_port, start_server, write_registry
+from tests.server_harness import REPO, Server, free_port, model_entry, start_server, write_registry
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
@@ -124,7 +124,7 @@ def start_prometheus(server: Server, tmp: Path) -> Prometheus:
 def prometheus(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     """A server that has answered REQUESTS completions, and a Prometheus that has scraped all of them."""
     tmp = tmp_path_factory.mktemp("deploy-prometheus")
-    entry = {"name": MODEL, "source": str(tiny_llama_dir), "dtype": "float32", "kv_cache_memory": "8MiB", "threads": 1}
+    entry = model_entry(tiny_llama_dir, MODEL, threads=1)
     server = start_server(write_registry(tmp / "models.yaml", [entry]), tmp, "--metrics-open", ready_timeout=120)
     try:
         prometheus = start_prometheus(server, tmp)

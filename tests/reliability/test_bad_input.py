@@ -11,13 +11,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server_harness import Server, start_server, write_registry
+from tests.server_harness import Server, model_entry, start_server, write_registry
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("bad-input")
-    entry = {"name": "tiny", "source": str(tiny_llama_dir), "dtype": "float32", "kv_cache_memory": "8MiB"}
+    entry = model_entry(tiny_llama_dir)
     server = start_server(write_registry(tmp / "models.yaml", [entry]), tmp, "--body-read-timeout", "1")
     yield server
     assert server.stop() == 0

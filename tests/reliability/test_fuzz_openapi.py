@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 
-from tests.server_harness import Server, start_server, write_registry
+from tests.server_harness import Server, model_entry, start_server, write_registry
 
 schemathesis = pytest.importorskip("schemathesis")
 
@@ -26,7 +26,7 @@ CASES_PER_MODE = 50  # per operation and generation mode (valid, invalid)
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("fuzz")
-    entry = {"name": "tiny", "source": str(tiny_llama_dir), "dtype": "float32", "kv_cache_memory": "8MiB"}
+    entry = model_entry(tiny_llama_dir)
     args = ("--api-key", KEY, "--request-timeout", "20", "--body-read-timeout", "5")
     server = start_server(write_registry(tmp / "models.yaml", [entry]), tmp, *args)
     yield server

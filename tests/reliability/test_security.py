@@ -11,7 +11,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.server_harness import Server, start_server, write_registry
+from tests.server_harness import Server, model_entry, start_server, write_registry
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     tmp = tmp_path_factory.mktemp("security")
     keys = tmp / "keys.txt"
     keys.write_text("# team keys\nkey-one\n\nkey-two\n")
-    entry = {"name": "tiny", "source": str(tiny_llama_dir), "dtype": "float32", "kv_cache_memory": "8MiB"}
+    entry = model_entry(tiny_llama_dir)
     server = start_server(
         write_registry(tmp / "models.yaml", [entry]), tmp, "--api-key", "key-zero", "--api-key-file", str(keys)
     )

@@ -14,11 +14,11 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.server_harness import Server, start_server, write_registry
+from tests.server_harness import Server, model_entry, start_server, write_registry
 
 
 def tiny_server(tiny_llama_dir: Path, tmp: Path, *args: str) -> Server:
-    entry = {"name": "tiny", "source": str(tiny_llama_dir), "dtype": "float32", "kv_cache_memory": "8MiB"}
+    entry = model_entry(tiny_llama_dir)
     return start_server(write_registry(tmp / "models.yaml", [entry]), tmp, *args)
 
 

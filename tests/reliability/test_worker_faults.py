@@ -20,19 +20,15 @@ import httpx
 import psutil
 import pytest
 
-from tests.server_harness import Server, start_server, write_registry
+from tests.server_harness import Server, model_entry, start_server, write_registry
 
 MARK = 7  # a prompt holding this token id makes the worker's step fail (TOKENMILL_TEST_FAULT)
-
-
-def entry(tiny_llama_dir: Path, **extra: Any) -> dict[str, Any]:
-    return {"name": "tiny", "source": str(tiny_llama_dir), "dtype": "float32", "kv_cache_memory": "8MiB", **extra}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("faults")
-    registry = write_registry(tmp / "models.yaml", [entry(tiny_llama_dir)])
+    registry = write_registry(tmp / "models.yaml", [model_entry(tiny_llama_dir)])
     server = start_server(registry, tmp, "--watchdog-seconds", "2", "--max-worker-restarts", "10")
     yield server
     assert server.stop() == 0
@@ -124,7 +120,7 @@ def test_hung_worker_is_killed_by_the_watchdog(server: Server) -> None:
 def test_failed_step_fails_its_request_and_the_worker_survives(
     tiny_llama_dir: Path, tmp_path: Path, kind: str, code: str
 ) -> None:
-    registry = write_registry(tmp_path / "models.yaml", [entry(tiny_llama_dir)])
+    registry = write_registry(tmp_path / "models.yaml", [model_entry(tiny_llama_dir)])
     server = start_server(registry, tmp_path, env={"TOKENMILL_TEST_FAULT": f"{kind}:{MARK}"})
     try:
         with server.client(timeout=60) as client:

@@ -11,6 +11,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
+from tests.server_harness import model_entry
 from tests.worker.engine_harness import random_prompts, reference
 from worker import transport
 from worker.launcher import WorkerHandle, WorkerStartError, start_worker
@@ -20,7 +21,7 @@ from worker.messages import AbortRequest, AddRequest, SamplingParams, StepOutput
 @pytest.fixture(scope="module")
 def registry(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("registry") / "models.yaml"
-    entry = {"name": "tiny", "source": str(tiny_llama_dir), "dtype": "float32", "threads": 1, "kv_cache_memory": "4MiB"}
+    entry = model_entry(tiny_llama_dir, threads=1, kv_cache_memory="4MiB")
     path.write_text(yaml.safe_dump({"models": [entry]}))
     return path
 
