@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtests.bench_server import wait_ready
+from loadtests.bench_server import tokenmill
 
 REPO = Path(__file__).resolve().parent.parent
 PARAGRAPH = (
@@ -60,11 +59,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--port", type=int, default=8330)
     args = parser.parse_args()
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(args.port), "--kv-cache-memory", "256MiB"]
-    server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{args.port}"
-        wait_ready(url)
+    with tokenmill(args.port, "--kv-cache-memory", "256MiB") as (url, _):
         shared = PARAGRAPH * 22
         with httpx.Client(base_url=url, timeout=300) as client:
             first_token(client, "warm-up " + shared, "hi")  # the first request pays one-off costs
@@ -77,9 +72,6 @@ def main() -> int:
         print(f"miss: TTFT median {miss * 1000:.0f} ms, cached tokens {[c for _, _, c in misses]}")
         print(f"hit:  TTFT median {hit * 1000:.0f} ms, cached tokens {[c for _, _, c in hits]}")
         print(f"hit / miss: {hit / miss:.3f} (target <= 0.2)")
-    finally:
-        server.terminate()
-        server.wait(60)
     return 0
 
 

@@ -8,11 +8,13 @@ Markdown report.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -51,6 +53,20 @@ def wait_ready(url: str, timeout: float = 600.0) -> None:
             pass
         time.sleep(0.5)
     raise RuntimeError(f"{url} not ready after {timeout} s")
+
+
+@contextlib.contextmanager
+def tokenmill(port: int, *flags: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A `tokenmill serve` on the default registry, ready; its URL and process. Stopped (drained) on exit."""
+    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), *flags]
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url)
+        yield url, process
+    finally:
+        process.terminate()
+        process.wait(60)
 
 
 def measure(

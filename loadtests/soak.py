@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import random
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from loadtests.bench_server import wait_ready
+from loadtests.bench_server import tokenmill
 from loadtests.load import PROMPTS, percentile
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,15 +115,8 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8320)
     parser.add_argument("--warmup", type=float, default=2.0, help="minutes before the baseline RSS is taken")
     args = parser.parse_args()
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(args.port), "--max-waiting-requests", "1024"]
-    server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{args.port}"
-        wait_ready(url)
+    with tokenmill(args.port, "--max-waiting-requests", "1024") as (url, server):
         return asyncio.run(soak(url, args.minutes, args.rate, args.disconnect, server.pid, args.warmup))
-    finally:
-        server.terminate()
-        server.wait(60)
 
 
 if __name__ == "__main__":
