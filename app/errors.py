@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.protocol_responses import ErrorDetail, ErrorResponse
@@ -25,6 +26,12 @@ _LOC_ROOTS = frozenset({"body", "query", "path", "header", "cookie"})
 _FIELD_NAME = re.compile(r"[a-z0-9_]+")
 # pydantic puts the tried member of a union in `loc` ('str', 'list[TextContentPart]'); they are not fields
 _UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "bytes"})
+
+
+def invalid(param: str, message: str, code: str | None = "invalid_value") -> PydanticCustomError:
+    """A validation error for `param` (relative to where it is raised), raised inside a request model's validators;
+    the handler below reads param and code from its ctx."""
+    return PydanticCustomError("invalid_request", "{message}", {"message": message, "param": param, "code": code})
 
 
 class APIError(Exception):

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from app.errors import invalid
 from app.protocol_structured import StructuredFields
 from worker.grammar import check as check_grammar
 from worker.messages import InvalidRequest, SamplingParams
@@ -20,11 +21,6 @@ from worker.messages import InvalidRequest, SamplingParams
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]+")
 MAX_STOP_STRINGS = 64  # documented limits: a request may not make every detokenizer step scan thousands of strings
 MAX_STOP_CHARS = 1024
-
-
-def invalid(param: str, message: str, code: str = "invalid_value") -> PydanticCustomError:
-    """A validation error for `param` (relative to where it is raised); `app.errors` reads param and code from ctx."""
-    return PydanticCustomError("invalid_request", "{message}", {"message": message, "param": param, "code": code})
 
 
 def _unsupported_error(name: str) -> PydanticCustomError:

@@ -7,13 +7,9 @@ import json
 from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_core import PydanticCustomError
 
+from app.errors import invalid
 from worker.messages import StructuredOutput
-
-
-def _invalid(param: str, message: str) -> PydanticCustomError:
-    return PydanticCustomError("invalid_request", "{message}", {"message": message, "param": param, "code": None})
 
 
 class _Strict(BaseModel):
@@ -34,7 +30,7 @@ class ResponseFormat(_Strict):
     @model_validator(mode="after")
     def _schema_when_needed(self) -> Self:
         if (self.type == "json_schema") != (self.json_schema is not None):
-            raise _invalid("json_schema", "json_schema is required with type 'json_schema', and only there")
+            raise invalid("json_schema", "json_schema is required with type 'json_schema', and only there", code=None)
         return self
 
 
@@ -86,7 +82,7 @@ class StructuredFields(BaseModel):
         found = [StructuredOutput(kind, _spec(kind, value), param) for kind, value, param in given]
         if len(found) > 1:
             names = ", ".join(item.param for item in found)
-            raise _invalid(found[1].param, f"send one structured output constraint, not several ({names})")
+            raise invalid(found[1].param, f"send one structured output constraint, not several ({names})", code=None)
         return found[0] if found else None
 
 
