@@ -58,7 +58,6 @@ class ToolCall:
     id: str
     name: str
     arguments: str  # raw JSON text, as the model wrote it
-    complete: bool = False
 
 
 @dataclass
@@ -314,7 +313,6 @@ class ToolCallParser:
                     deltas[-1].arguments += piece
                 else:
                     deltas.append(ToolCallDelta(index, arguments=piece))
-            call.complete = item.complete
         return deltas
 
 
