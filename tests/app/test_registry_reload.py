@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.server_harness import Server, start_server, worker_pids, write_registry
+from tests.server_harness import Server, start_server, wait_until, worker_pids, write_registry
 
 KEY = "reload-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -92,15 +91,6 @@ def stream(client: httpx.Client, model: str, max_tokens: int, started: threading
     return finish
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_sighup_adds_removes_and_replaces_while_an_unchanged_model_streams(
     server: Server, second: list[dict[str, Any]]
 ) -> None:
@@ -134,9 +124,9 @@ def test_sighup_adds_removes_and_replaces_while_an_unchanged_model_streams(
                 and listed["change"]["max_model_len"] == 320
             )
 
-        wait_for(settled, 120, "the reloaded registry to be served")
+        wait_until(settled, 120, "the reloaded registry to be served")
         keeps_during_reload = len(keep_done)
-        wait_for(
+        wait_until(
             lambda: len(keep_done) > keeps_during_reload or any(keeper.done() for keeper in keepers),
             30,
             "a request to 'keep' after the reload",
@@ -150,7 +140,7 @@ def test_sighup_adds_removes_and_replaces_while_an_unchanged_model_streams(
         after = worker_pids(server)
         assert after["keep"] == before["keep"], "an unchanged model's worker must keep running"
         assert after["change"] != before["change"], "a changed model runs in a new worker"
-        wait_for(lambda: "gone" not in worker_pids(server), 30, "the removed model's worker to exit")
+        wait_until(lambda: "gone" not in worker_pids(server), 30, "the removed model's worker to exit")
         assert "new" in after
 
         listed = cards(client)
@@ -182,7 +172,7 @@ def test_a_bad_registry_is_refused_whole(server: Server, second: list[dict[str, 
             assert "extra" in error["message"] and "quantisation" in error["message"]
 
             server.process.send_signal(signal.SIGHUP)
-            wait_for(lambda: server.log().count("reload refused") >= 2, 30, "the SIGHUP reload to be refused")
+            wait_until(lambda: server.log().count("reload refused") >= 2, 30, "the SIGHUP reload to be refused")
             assert cards(client) == models_before and worker_pids(server) == pids_before
     finally:
         path.write_text(good)
@@ -201,4 +191,4 @@ def test_admin_reload_reports_what_changed(server: Server, second: list[dict[str
             "unchanged": ["keep", "change"],
         }
         assert "new" not in cards(client)
-        wait_for(lambda: "new" not in worker_pids(server), 30, "the removed model's worker to exit")
+        wait_until(lambda: "new" not in worker_pids(server), 30, "the removed model's worker to exit")

@@ -11,7 +11,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,18 +19,10 @@ import httpx
 import psutil
 
 from app.ray_serve import REPLICA_HEADER
+from tests.server_harness import wait_until
 
 PORT = 8765
 BASE = f"http://127.0.0.1:{PORT}"
-
-
-def wait(condition: Any, timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if condition():
-            return time.monotonic() - start
-        time.sleep(0.5)
-    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def ready() -> bool:
@@ -95,7 +86,9 @@ def main(registry: str, model: str, log_path: str) -> int:
     with Path(log_path).open("wb") as log:
         driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        result["startup_s"] = wait(lambda: ready() and len(replica_servers()) == 2, 600, "two ready replicas")
+        result["startup_s"] = wait_until(
+            lambda: ready() and len(replica_servers()) == 2, 600, "two ready replicas", interval=0.5
+        )
         first = burst()
         result["first"] = first
         before = {replica for status, replica in first if status == 200}
@@ -109,7 +102,7 @@ def main(registry: str, model: str, log_path: str) -> int:
             seen.update(replica for status, replica in answers if status == 200)
             return len(seen - before) >= 1 and len(replica_servers()) == 2 and victim.pid not in pids()
 
-        result["recovery_s"] = wait(replaced, 300, "the killed replica to be replaced")
+        result["recovery_s"] = wait_until(replaced, 300, "the killed replica to be replaced", interval=0.5)
         result["after"] = burst()
         result["flood"] = flood()
         result["before_ids"], result["new_ids"] = sorted(before), sorted(seen - before)

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.server_harness import REPO, Server, free_port, model_entry, start_server, write_registry
+from tests.server_harness import REPO, Server, free_port, model_entry, start_server, wait_until, write_registry
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
@@ -74,15 +74,6 @@ def substitute(expr: str) -> str:
     return expr
 
 
-def wait_for(condition: Any, what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def start_prometheus(server: Server, tmp: Path) -> Prometheus:
     """Run Prometheus on 127.0.0.1 with the shipped scrape config pointed at the test server, scraping every second."""
     assert PROMETHEUS is not None
@@ -113,7 +104,7 @@ def start_prometheus(server: Server, tmp: Path) -> Prometheus:
             return False
 
     try:
-        wait_for(ready, "prometheus to be ready")
+        wait_until(ready, DEADLINE, "prometheus to be ready", interval=0.5)
     except BaseException:
         prometheus.stop()
         raise
@@ -130,7 +121,12 @@ def prometheus(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         prometheus = start_prometheus(server, tmp)
         try:
             # a first scrape before the traffic, so that every counter's rate() sees the traffic as an increase
-            wait_for(lambda: bool(prometheus.query('up{job="tokenmill"} == 1')["result"]), "a first scrape")
+            wait_until(
+                lambda: bool(prometheus.query('up{job="tokenmill"} == 1')["result"]),
+                DEADLINE,
+                "a first scrape",
+                interval=0.5,
+            )
             prompt = "The same long prefix, so that later requests hit the prefix cache. " * 3
             with server.client(timeout=60) as client:
                 for i in range(REQUESTS):
@@ -142,7 +138,7 @@ def prometheus(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
                 result = prometheus.query(done)["result"]
                 return bool(result) and float(result[0]["value"][1]) >= REQUESTS
 
-            wait_for(scraped_all, f"prometheus to see {REQUESTS} finished requests")
+            wait_until(scraped_all, DEADLINE, f"prometheus to see {REQUESTS} finished requests", interval=0.5)
             time.sleep(2.5)  # a few more scrapes, so every rate() has samples on both sides of the traffic
             yield prometheus
         finally:

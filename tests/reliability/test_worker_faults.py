@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.server_harness import Server, model_entry, start_server, write_registry
+from tests.server_harness import Server, model_entry, start_server, wait_until, write_registry
 
 MARK = 7  # a prompt holding this token id makes the worker's step fail (TOKENMILL_TEST_FAULT)
 
@@ -53,15 +53,6 @@ def running(client: httpx.Client) -> float:
     raise AssertionError("no running gauge")
 
 
-def wait_until(predicate: Any, timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise AssertionError(f"not {what} within {timeout} s")
-
-
 def long_stream(server: Server, events: list[str], started: threading.Event) -> None:
     body = {"model": "tiny", "prompt": "count", "max_tokens": 490, "ignore_eos": True, "stream": True}
     with server.client(timeout=60) as client, client.stream("POST", "/v1/completions", json=body) as response:
@@ -81,9 +72,9 @@ def test_killed_worker_fails_in_flight_requests_and_comes_back(server: Server) -
         pending: list[httpx.Response] = []
         blocking = threading.Thread(target=lambda: pending.append(completion(client, max_tokens=490, ignore_eos=True)))
         blocking.start()
-        wait_until(lambda: running(client) == 2, 10, "both running")
+        wait_until(lambda: running(client) == 2, 10, "both running", interval=0.05)
         os.kill(worker_pid(server), signal.SIGKILL)
-        took = wait_until(lambda: client.get("/ready").status_code == 503, 2.0, "unready")
+        took = wait_until(lambda: client.get("/ready").status_code == 503, 2.0, "unready", interval=0.05)
         assert took < 2.0
         streaming.join(30)
         blocking.join(30)
@@ -93,7 +84,7 @@ def test_killed_worker_fails_in_flight_requests_and_comes_back(server: Server) -
         error = json.loads(events[-2].removeprefix("data: "))["error"]
         assert error["code"] is not None and "tiny" in error["message"]
         assert pending[0].status_code == 503 and pending[0].json()["error"]["type"]
-        wait_until(lambda: client.get("/ready").status_code == 200, 60, "ready again")
+        wait_until(lambda: client.get("/ready").status_code == 200, 60, "ready again", interval=0.05)
         again = completion(client)
         assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 8
 
@@ -111,7 +102,7 @@ def test_hung_worker_is_killed_by_the_watchdog(server: Server) -> None:
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-        wait_until(lambda: client.get("/ready").status_code == 200, 60, "ready again")
+        wait_until(lambda: client.get("/ready").status_code == 200, 60, "ready again", interval=0.05)
         assert worker_pid(server) != pid
         assert completion(client).status_code == 200
 
