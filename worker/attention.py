@@ -57,13 +57,17 @@ def paged_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     meta: AttentionMetadata = kwargs[META_KWARG]
-    k_cache, v_cache = meta.kv_caches[module.layer_idx]  # type: ignore[index]
+    out = attend(query[0], key[0], value[0], module.layer_idx, meta, scaling)  # type: ignore[arg-type]
+    return out.unsqueeze(0), None
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, meta: AttentionMetadata, scaling: float | None
+) -> torch.Tensor:
+    """Store one layer's new K/V in the paged cache and attend. q [H, T, D], k and v [Hkv, T, D] -> [T, H, D]."""
+    k_cache, v_cache = meta.kv_caches[layer]
     kv_heads, num_blocks, block_size, head_dim = k_cache.shape
     scale = scaling if scaling is not None else head_dim**-0.5
-
-    q = query[0]  # [H, T, D]
-    k = key[0]  # [Hkv, T, D]
-    v = value[0]
     flat_k = k_cache.view(kv_heads, num_blocks * block_size, head_dim)
     flat_v = v_cache.view(kv_heads, num_blocks * block_size, head_dim)
     flat_k.index_copy_(1, meta.slot_mapping, k.to(k_cache.dtype))
@@ -90,7 +94,7 @@ def paged_attention(
     if meta.decode is not None:
         rows_q = q.index_select(1, meta.decode.rows)  # [H, B, D]
         out[meta.decode.rows] = _decode_attention(rows_q, k_cache, v_cache, meta.decode, scale)
-    return out.unsqueeze(0), None
+    return out
 
 
 def _decode_attention(

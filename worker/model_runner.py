@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from worker import attention
+from worker import attention, llama_forward
 from worker.attention import AttentionMetadata, DecodeBatch, PrefillSpan
 
 
@@ -46,6 +46,7 @@ class ModelRunner:
             for _ in range(layers)
         ]
         model.set_attn_implementation(attention.register())
+        self.lean = llama_forward.LlamaForward(model) if llama_forward.supports(model) else None
 
     @torch.inference_mode()
     def execute(self, items: list[BatchItem]) -> torch.Tensor:
@@ -80,12 +81,14 @@ class ModelRunner:
             prefills=prefills,
             decode=self._decode_batch(decode_rows, decode_items) if decode_items else None,
         )
-        ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
-        pos = torch.tensor([positions], dtype=torch.long, device=self.device)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         keep_t = torch.tensor(keep, dtype=torch.long, device=self.device)
+        if self.lean is not None:
+            return self.lean(ids, pos, keep_t, meta).float()
         out = self.model(
-            input_ids=ids,
-            position_ids=pos,
+            input_ids=ids[None],
+            position_ids=pos[None],
             use_cache=False,
             logits_to_keep=keep_t,
             **{attention.META_KWARG: meta},

@@ -1,0 +1,74 @@
+"""The lean Llama-family forward computes what the HF modules compute, and the HF path stays there for the rest."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from tests.worker.engine_harness import make_engine, random_prompts, reference, run_all
+from worker import llama_forward
+from worker.messages import SamplingParams
+from worker.model_runner import BatchItem, ModelRunner
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def model(request: pytest.FixtureRequest) -> PreTrainedModel:
+    path: Path = request.getfixturevalue(f"tiny_{request.param}_dir")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def mixed_batch(runner: ModelRunner, vocab: int) -> list[list[BatchItem]]:
+    """Two steps over blocks 0-7: a whole prefill and a chunk, then two decodes beside a prefill continuation."""
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randint(3, vocab, (9,), generator=gen).tolist(), torch.randint(3, vocab, (12,), generator=gen).tolist()
+    first = [BatchItem(a, 0, [0, 1, 2], True), BatchItem(b[:6], 0, [4, 5, 6, 7], False)]
+    second = [BatchItem([5], 9, [0, 1, 2], True), BatchItem(b[6:], 6, [4, 5, 6, 7], True)]
+    return [first, second]
+
+
+def test_lean_logits_equal_the_hf_modules(model: PreTrainedModel) -> None:
+    lean = ModelRunner(copy.deepcopy(model), num_blocks=8, block_size=4, device=torch.device("cpu"))
+    hf = ModelRunner(copy.deepcopy(model), num_blocks=8, block_size=4, device=torch.device("cpu"))
+    assert lean.lean is not None
+    hf.lean = None
+    for step in mixed_batch(lean, int(model.config.vocab_size)):
+        torch.testing.assert_close(lean.execute(step), hf.execute(step), rtol=1e-5, atol=1e-5)
+    for (lean_k, lean_v), (hf_k, hf_v) in zip(lean.kv_caches, hf.kv_caches, strict=True):
+        torch.testing.assert_close(lean_k, hf_k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lean_v, hf_v, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_weights_stay_the_models_own(model: PreTrainedModel) -> None:
+    """The projections become views of the fused tensors: no second copy of the weights, the HF path still works."""
+    runner = ModelRunner(copy.deepcopy(model), num_blocks=8, block_size=4, device=torch.device("cpu"))
+    assert runner.lean is not None
+    layer = runner.model.model.layers[0]  # type: ignore[attr-defined]
+    fused = runner.lean.layers[0]
+    assert layer.self_attn.q_proj.weight.untyped_storage().data_ptr() == fused.qkv.untyped_storage().data_ptr()
+    assert layer.mlp.up_proj.weight.untyped_storage().data_ptr() == fused.gate_up.untyped_storage().data_ptr()
+
+
+def test_hf_path_still_equals_generate(model: PreTrainedModel) -> None:
+    engine = make_engine(model)
+    engine.runner.lean = None
+    prompts = random_prompts(int(model.config.vocab_size), [5, 17, 3, 30])
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    run = run_all(engine, prompts, params)
+    assert run.tokens == {rid: reference(model, prompt, 10) for rid, prompt in prompts.items()}
+
+
+def test_other_shapes_keep_the_hf_forward(model: PreTrainedModel) -> None:
+    assert llama_forward.supports(model)
+    gelu = LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "hidden_act": "gelu", "model_type": "llama"}))
+    assert not llama_forward.supports(gelu)
+    with_bias = LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "mlp_bias": True, "model_type": "llama"}))
+    assert not llama_forward.supports(with_bias)
+    odd = copy.deepcopy(model)
+    odd.model.layers[0].mlp.up_proj = torch.nn.utils.parametrizations.weight_norm(  # type: ignore[union-attr]
+        odd.model.layers[0].mlp.up_proj  # type: ignore[union-attr]
+    )
+    assert not llama_forward.supports(odd)  # a layer whose weight is not a plain parameter (as quantized ones)
