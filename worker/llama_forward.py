@@ -13,6 +13,7 @@ Models of other shapes, quantized weights and anything else unusual keep the HF 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,8 @@ def supports(model: PreTrainedModel) -> bool:
     if getattr(config, "sliding_window", None) and config.model_type == "mistral":
         return False
     body = getattr(model, "model", None)
-    if body is None or not hasattr(body, "rotary_emb") or not isinstance(model.get_output_embeddings(), nn.Linear):
+    lm_head = model.get_output_embeddings()  # type: ignore[no-untyped-call]
+    if body is None or not hasattr(body, "rotary_emb") or not isinstance(lm_head, nn.Linear):
         return False
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return all(type(m) is nn.Linear and type(m.weight) is nn.Parameter for m in linears)  # no quantized layers
@@ -63,14 +65,14 @@ class LlamaForward:
         self.embed: nn.Embedding = body.embed_tokens
         self.rotary: nn.Module = body.rotary_emb
         self.final_norm = body.norm.weight
-        lm_head = model.get_output_embeddings()
+        lm_head = model.get_output_embeddings()  # type: ignore[no-untyped-call]
         assert isinstance(lm_head, nn.Linear)
         self.lm_head = lm_head
         self.layers = [self._fuse(layer) for layer in body.layers[: config.num_hidden_layers]]
         self.scaling = float(body.layers[0].self_attn.scaling)
 
     @staticmethod
-    def _fuse(layer: nn.Module) -> _Layer:
+    def _fuse(layer: Any) -> _Layer:  # an HF decoder layer: attribute access is all it offers to types
         attn, mlp = layer.self_attn, layer.mlp
         qkv = _concat_into_views([attn.q_proj, attn.k_proj, attn.v_proj])
         biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
@@ -108,7 +110,8 @@ class LlamaForward:
             gate, up = F.linear(normed, layer.gate_up).chunk(2, dim=-1)
             hidden = hidden + F.linear(F.silu(gate) * up, layer.down)
         last = self._rms_norm(hidden.index_select(0, keep), self.final_norm)
-        return self.lm_head(last)
+        logits: torch.Tensor = self.lm_head(last)
+        return logits
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         wide = x.float()
