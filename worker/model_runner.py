@@ -6,6 +6,7 @@ slots and attention metadata for one step, and keeps only the logits of requests
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -41,10 +42,8 @@ class ModelRunner:
         shape = (kv_heads, num_blocks, block_size, head_dim)
         # Zeroed, not empty: padded decode positions read cache slots that were never written, and NaN garbage
         # would survive a zero attention weight.
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=device), torch.zeros(shape, dtype=self.dtype, device=device))
-            for _ in range(layers)
-        ]
+        pool = _zeroed_pool((layers, 2, *shape), self.dtype, device)
+        self.kv_caches = [(pool[layer, 0], pool[layer, 1]) for layer in range(layers)]
         model.set_attn_implementation(attention.register())
         self.lean = llama_forward.LlamaForward(model) if llama_forward.supports(model) else None
 
@@ -126,6 +125,18 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.long, device=self.device),
             additive_mask=mask,
         )
+
+
+def _zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed tensor; on the CPU an anonymous mapping, whose pages the kernel commits only once a block is written,
+    so the process holds the KV memory it has used rather than all it may use."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    numel = 1
+    for size in shape:
+        numel *= size
+    buffer = mmap.mmap(-1, numel * torch.empty((), dtype=dtype).element_size())
+    return torch.frombuffer(buffer, dtype=dtype, count=numel).view(shape)
 
 
 def _kv_shape(model: PreTrainedModel) -> tuple[int, int, int]:
