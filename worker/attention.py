@@ -36,6 +36,7 @@ class DecodeBatch:
     rows: torch.Tensor  # [B] long
     block_tables: torch.Tensor  # [B, max_blocks] long (padded with block 0)
     additive_mask: torch.Tensor  # [1, B, 1, max_blocks * block_size] float: 0 or -inf
+    every_row: bool = False  # the step is all decodes, rows 0..B-1 in order
 
 
 @dataclass
@@ -73,6 +74,8 @@ def attend(
     flat_k.index_copy_(1, meta.slot_mapping, k.to(k_cache.dtype))
     flat_v.index_copy_(1, meta.slot_mapping, v.to(v_cache.dtype))
 
+    if meta.decode is not None and meta.decode.every_row:
+        return _decode_attention(q, k_cache, v_cache, meta.decode, scale)
     out = torch.empty(q.shape[1], q.shape[0], head_dim, dtype=q.dtype, device=q.device)  # [T, H, D]
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.q_len)
@@ -109,7 +112,7 @@ def _decode_attention(
     keys = k_cache.view(kv_heads, num_blocks, -1).index_select(1, index).view(kv_heads, batch, length, head_dim)
     values = v_cache.view(kv_heads, num_blocks, -1).index_select(1, index).view(kv_heads, batch, length, head_dim)
     # query heads of one KV head stay together: [Hkv, B, G, D]
-    grouped = q.view(kv_heads, heads // kv_heads, batch, head_dim).transpose(1, 2)
+    grouped = q.reshape(kv_heads, heads // kv_heads, batch, head_dim).transpose(1, 2)
     scores = torch.matmul(grouped, keys.to(q.dtype).transpose(2, 3)).float() * scale + decode.additive_mask
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     out = torch.matmul(probs, values.to(q.dtype))  # [Hkv, B, G, D]

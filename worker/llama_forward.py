@@ -101,9 +101,8 @@ class LlamaForward:
         for index, layer in enumerate(self.layers):
             normed = self._rms_norm(hidden, layer.input_norm)
             qkv = F.linear(normed, layer.qkv, layer.qkv_bias).view(tokens, -1, self.head_dim)
-            q = _rotate(qkv[:, :q_end], cos, sin)
-            k = _rotate(qkv[:, q_end:k_end], cos, sin)
-            v = qkv[:, k_end:]
+            qk = _rotate(qkv[:, :k_end], cos, sin)  # q and k heads in one go
+            q, k, v = qk[:, :q_end], qk[:, q_end:], qkv[:, k_end:]
             attn = attend(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), index, meta, self.scaling)
             hidden = hidden + F.linear(attn.reshape(tokens, -1), layer.o)
             normed = self._rms_norm(hidden, layer.post_norm)

@@ -78,7 +78,7 @@ class ModelRunner:
             kv_caches=self.kv_caches,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             prefills=prefills,
-            decode=self._decode_batch(decode_rows, decode_items) if decode_items else None,
+            decode=self._decode_batch(decode_rows, decode_items, len(input_ids)) if decode_items else None,
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
@@ -109,7 +109,7 @@ class ModelRunner:
         offsets = torch.arange(self.block_size, device=self.device)
         return (blocks[:, None] * self.block_size + offsets[None, :]).flatten()[:length]
 
-    def _decode_batch(self, rows: list[int], items: list[BatchItem]) -> DecodeBatch:
+    def _decode_batch(self, rows: list[int], items: list[BatchItem], num_rows: int) -> DecodeBatch:
         bs = self.block_size
         lengths = [item.num_computed + 1 for item in items]
         max_blocks = -(-max(lengths) // bs)
@@ -124,6 +124,7 @@ class ModelRunner:
             rows=torch.tensor(rows, dtype=torch.long, device=self.device),
             block_tables=torch.tensor(tables, dtype=torch.long, device=self.device),
             additive_mask=mask,
+            every_row=len(rows) == num_rows,  # decodes are one row each, so then they are rows 0..B-1 in order
         )
 
 
