@@ -43,11 +43,16 @@ class RssSampler(threading.Thread):
                 pass
 
 
-def wait_ready(url: str, timeout: float = 600.0) -> None:
+def wait_ready(
+    url: str, timeout: float = 600.0, path: str = "/ready", process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Until GET `path` answers 200; fails at once if `process` (the server) exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{url} exited with {process.returncode} before it was ready")
         try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

@@ -56,6 +56,9 @@ class Report:
     e2e_p50: float
     e2e_p99: float
     bad_token_counts: int
+    ttfts: list[float] = field(default_factory=list, repr=False)  # raw samples, seconds, for distribution plots
+    itls: list[float] = field(default_factory=list, repr=False)
+    first_error: str = ""
 
     def line(self) -> str:
         return (
@@ -63,6 +66,7 @@ class Report:
             f"TTFT p50 {self.ttft_p50:6.3f} p99 {self.ttft_p99:6.3f}  ITL p50 {self.itl_p50 * 1000:6.1f} "
             f"p99 {self.itl_p99 * 1000:6.1f} ms  E2E p50 {self.e2e_p50:6.2f} p99 {self.e2e_p99:6.2f}  "
             f"errors {self.errors}  short replies {self.bad_token_counts}"
+            + (f"  first error: {self.first_error}" if self.first_error else "")
         )
 
 
@@ -76,15 +80,17 @@ def percentile(values: list[float], q: float) -> float:
 async def one_request(
     client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, extra: dict[str, Any]
 ) -> Sample:
-    body = {
+    body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "temperature": 0.0,
         "stream": True,
         "stream_options": {"include_usage": True},
-        **extra,
     }
+    body.update(extra)
+    for name in [k for k, v in extra.items() if v is None]:  # a peer that rejects a field OpenAI defines
+        del body[name]
     start = time.perf_counter()
     last = start
     sample = Sample(ok=False)
@@ -133,13 +139,23 @@ def summarize(label: str, samples: list[Sample], seconds: float, max_tokens: int
         e2e_p50=percentile([s.e2e for s in good], 0.5),
         e2e_p99=percentile([s.e2e for s in good], 0.99),
         bad_token_counts=sum(1 for s in good if s.tokens != max_tokens),
+        ttfts=[s.ttft for s in good],
+        itls=itls,
+        first_error=next((s.error for s in samples if not s.ok), ""),
     )
 
 
 async def at_concurrency(
-    url: str, model: str, concurrency: int, requests: int, max_tokens: int, extra: dict[str, Any]
+    url: str,
+    model: str,
+    concurrency: int,
+    requests: int,
+    max_tokens: int,
+    extra: dict[str, Any],
+    time_limit: float | None = None,
 ) -> Report:
-    """`concurrency` clients, each sending its next request when its last one ends, until `requests` are done."""
+    """`concurrency` clients, each sending its next request when its last one ends, until `requests` are done (or,
+    given `time_limit`, until none is sent after that many seconds; requests under way then still finish)."""
     rng = random.Random(concurrency)
     queue = [rng.choice(PROMPTS) for _ in range(requests)]
     samples: list[Sample] = []
@@ -147,7 +163,7 @@ async def at_concurrency(
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(1800.0), limits=limits) as client:
 
         async def worker() -> None:
-            while queue:
+            while queue and (time_limit is None or time.perf_counter() - start < time_limit):
                 samples.append(await one_request(client, model, queue.pop(), max_tokens, extra))
 
         start = time.perf_counter()
@@ -178,11 +194,12 @@ def run(
     requests_per_client: int,
     max_tokens: int,
     extra: dict[str, Any],
+    time_limit: float | None = None,
 ) -> list[Report]:
     reports = []
     for concurrency in concurrencies:
         requests = max(concurrency * requests_per_client, 4)
-        report = asyncio.run(at_concurrency(url, model, concurrency, requests, max_tokens, extra))
+        report = asyncio.run(at_concurrency(url, model, concurrency, requests, max_tokens, extra, time_limit))
         print(report.line(), flush=True)
         reports.append(report)
     if rate is not None:
