@@ -1,0 +1,5 @@
+import sys
+
+from loadtests.peers.catalog import main
+
+sys.exit(main())
