@@ -43,10 +43,8 @@ def wait_quiet(threshold: float, max_wait: float) -> tuple[float, float, bool]:
 
 
 def run_levels(server: Server, measured: Measured, args: argparse.Namespace) -> None:
-    """One warm-up request, a wait for quiet, then every concurrency level into `measured`."""
+    """One warm-up request, then every concurrency level into `measured`."""
     asyncio.run(at_concurrency(server.url, server.model, 1, 1, 16, server.extra))
-    measured.quiet_load, measured.quiet_wait, measured.quiet = wait_quiet(args.quiet_load, args.quiet_wait)
-    print(comparison.quiet_line(measured), flush=True)
     too_slow = False
     for c in args.concurrency:
         if too_slow or (server.max_concurrency is not None and c > server.max_concurrency):
@@ -63,6 +61,9 @@ def measure(peer: str, server: Server, args: argparse.Namespace) -> Measured:
     """`server` started, measured at every level and stopped; the peak RSS of its process tree meanwhile."""
     measured = Measured(server.name, peer, server.weights)
     print(f"--- {server.name} ({server.weights}): {' '.join(server.command)}", flush=True)
+    # Before the start: a server's own start (vLLM compiles for minutes) would hold the load average up long after.
+    measured.quiet_load, measured.quiet_wait, measured.quiet = wait_quiet(args.quiet_load, args.quiet_wait)
+    print(comparison.quiet_line(measured), flush=True)
     try:
         with serving(server, Path(args.out_dir) / f"report_{server.name}.log") as process:
             sampler = RssSampler(process.pid)
@@ -103,9 +104,9 @@ def conditions(args: argparse.Namespace, cache: Path) -> list[str]:
         f"{len(os.sched_getaffinity(0))} usable cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM",
         f"- load: {args.max_tokens} output tokens per request (forced: ignore_eos or its equivalent; every reply's "
         f"count is checked), temperature 0, max(c x {args.requests_per_client}, 4) requests per level, closed loop",
-        f"- before each server: one warm-up request, then a wait until the 1-min load average is below "
-        f"{args.quiet_load} (at most {args.quiet_wait:.0f} s); no request starts more than {args.level_cap:.0f} s "
-        f"into a level, and a level that ran longer ends the server's run",
+        f"- before each server starts, a wait until the 1-min load average is below {args.quiet_load} (at most "
+        f"{args.quiet_wait:.0f} s); once it is ready, one warm-up request; no request starts more than "
+        f"{args.level_cap:.0f} s into a level, and a level that ran longer ends the server's run",
         f"- command: python -m loadtests.report {' '.join(sys.argv[1:])}",
     ]
     for note in sorted(cache.glob(f"*/{INSTALLED}")):
