@@ -22,6 +22,7 @@ class Measured:
     weights: str
     reports: list[Report] = field(default_factory=list)
     loads: list[float] = field(default_factory=list)  # 1-min load average just before each level
+    others_cpu: list[float] = field(default_factory=list)  # share of all cores other processes used in each level
     peak_rss: int = 0  # bytes, the server's whole process tree
     quiet_wait: float = 0.0  # seconds waited for a quiet machine before the first level
     quiet_load: float = 0.0  # the 1-min load average when that wait ended
@@ -138,22 +139,27 @@ def throughput_table(measured: list[Measured]) -> list[str]:
     return lines
 
 
+NOISY = 0.05  # other processes using more than this share of the cores during a level make it suspect
+
+
 def quiet_line(m: Measured) -> str:
     line = f"{m.name}: load average {m.quiet_load:.2f} after waiting {m.quiet_wait:.0f} s for quiet"
-    return line + ("" if m.quiet else " (NOT quiet: the wait gave up, so its numbers are suspect)")
+    line += "" if m.quiet else " (NOT quiet: the wait gave up)"
+    noisy = [f"{r.label} {share:.0%}" for r, share in zip(m.reports, m.others_cpu, strict=False) if share > NOISY]
+    return line + (f"; other processes used the CPU during {', '.join(noisy)}: suspect numbers" if noisy else "")
 
 
 def detail_table(measured: list[Measured]) -> list[str]:
     lines = [
         "| server | level | requests | tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | E2E p50 | errors | short "
-        "| load before |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| load before | others' CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in measured:
-        for r, load in zip(m.reports, m.loads, strict=False):
+        for r, load, others in zip(m.reports, m.loads, m.others_cpu, strict=False):
             lines.append(
                 f"| {m.name} | {r.label} | {r.requests} | {r.tokens_per_s:.1f} | {r.ttft_p50:.3f} s | "
                 f"{r.ttft_p99:.3f} s | {r.itl_p50 * 1000:.1f} ms | {r.itl_p99 * 1000:.1f} ms | {r.e2e_p50:.2f} s | "
-                f"{r.errors} | {r.bad_token_counts} | {load:.2f} |"
+                f"{r.errors} | {r.bad_token_counts} | {load:.2f} | {others:.0%} |"
             )
     return lines

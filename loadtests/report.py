@@ -42,17 +42,40 @@ def wait_quiet(threshold: float, max_wait: float) -> tuple[float, float, bool]:
         time.sleep(5)
 
 
-def run_levels(server: Server, measured: Measured, args: argparse.Namespace) -> None:
-    """One warm-up request, then every concurrency level into `measured`."""
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def busy_seconds() -> float:
+    times = psutil.cpu_times()
+    return times.user + times.nice + times.system + times.irq + times.softirq
+
+
+def run_levels(server: Server, process_id: int, measured: Measured, args: argparse.Namespace) -> None:
+    """One warm-up request, then every concurrency level into `measured`, with the share of the machine's CPU that
+    other processes (neither the server's tree nor this driver) used meanwhile: their noise in the numbers."""
     asyncio.run(at_concurrency(server.url, server.model, 1, 1, 16, server.extra))
+    root, me = psutil.Process(process_id), psutil.Process()
+    cores = psutil.cpu_count() or 1
     too_slow = False
     for c in args.concurrency:
         if too_slow or (server.max_concurrency is not None and c > server.max_concurrency):
             measured.skipped.append(c)
             continue
         measured.loads.append(os.getloadavg()[0])
+        tree = [root, *root.children(recursive=True), me]
+        ours, busy = cpu_seconds(tree), busy_seconds()
         per_client, max_tokens = args.requests_per_client, args.max_tokens
         report = run(server.url, server.model, [c], None, per_client, max_tokens, server.extra, args.level_cap)[0]
+        others = (busy_seconds() - busy) - (cpu_seconds(tree) - ours)
+        measured.others_cpu.append(max(0.0, others / (report.seconds * cores)))
         measured.reports.append(report)
         too_slow = report.seconds > args.level_cap
 
@@ -69,7 +92,7 @@ def measure(peer: str, server: Server, args: argparse.Namespace) -> Measured:
             sampler = RssSampler(process.pid)
             sampler.start()
             try:
-                run_levels(server, measured, args)
+                run_levels(server, process.pid, measured, args)
             finally:
                 sampler.stopped.set()
                 measured.peak_rss = sampler.peak
@@ -172,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "REPORT.md").write_text(markdown(measured, missing, lines, pictures))
     raw = {"conditions": lines, "missing": missing, "servers": [asdict(m) for m in measured]}
     (out / "report.json").write_text(json.dumps(raw, indent=1) + "\n")
-    print("\n".join(["", *comparison.ratios(measured), "", *(t.line() for t in comparison.targets(measured))]))
+    quiet = [comparison.quiet_line(m) for m in measured if m.reports]
+    print("\n".join(["", *quiet, "", *comparison.ratios(measured), ""]))
+    print("\n".join(t.line() for t in comparison.targets(measured)))
     print(f"\nwrote {out / 'REPORT.md'}, {', '.join(p.name for p in pictures)} and report.json")
     return 0 if all(not m.note for m in measured) else 1
 
