@@ -118,7 +118,10 @@ def load_model(entry: ModelEntry, cache_dir: Path | None = None) -> LoadedModel:
     source, local = _locate(entry)
     converted, how = False, "hub" if local is None else "local directory"
     if local is not None and local.suffix == ".gguf":
-        local, converted = _gguf_cache(local, cache_dir or default_cache_dir())
+        # Stored in the dtype served when nothing else is applied on top: loading float32 weights to cast them held
+        # both copies at once, the worker's peak RSS (1290 MiB against 1194 MiB serving 64 streams).
+        plain = entry.quantization == "none" and entry.lora is None
+        local, converted = _gguf_cache(local, cache_dir or default_cache_dir(), dtype if plain else torch.float32)
         how = "converted GGUF" if converted else "cached GGUF conversion"
     where = str(local) if local is not None else source
     revision = entry.revision or "main"  # ignored for local directories
@@ -209,10 +212,12 @@ def _check_safetensors(entry: ModelEntry, directory: Path) -> None:
     )
 
 
-def _gguf_cache(gguf: Path, cache_root: Path) -> tuple[Path, bool]:
-    """The safetensors directory converted from `gguf`, and whether this call wrote it (False: reused)."""
+def _gguf_cache(gguf: Path, cache_root: Path, dtype: torch.dtype = torch.float32) -> tuple[Path, bool]:
+    """The safetensors directory converted from `gguf` in `dtype`, and whether this call wrote it (False: reused)."""
     stat = gguf.stat()
     identity = f"{_CACHE_FORMAT}\0{gguf}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    if dtype != torch.float32:
+        identity += f"\0{dtype}"
     target = cache_root / "gguf" / hashlib.sha256(identity.encode()).hexdigest()[:16]
     if (target / "config.json").is_file():
         return target, False
@@ -221,11 +226,12 @@ def _gguf_cache(gguf: Path, cache_root: Path) -> tuple[Path, bool]:
     logger.info("converting %s to safetensors in %s (once; later starts reuse it)", gguf, target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        # float32 keeps the dequantized values exact; the entry's dtype is applied when the cache is loaded.
+        # Dequantized to float32, then rounded once to `dtype`: the same values a cast at load time gives.
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
         )
         _drop_quantization(model)
+        model.to(dtype=dtype)  # type: ignore[call-arg]
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
         origin = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}

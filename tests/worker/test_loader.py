@@ -166,3 +166,19 @@ def test_gguf_is_converted_once_then_loaded_from_cache(tmp_path: Path, caplog: p
     with torch.no_grad():
         assert torch.equal(first.model(prompt).logits, second.model(prompt).logits)
     assert second.tokenizer("The capital of France is").input_ids == prompt[0].tolist()
+
+
+@pytest.mark.slow
+def test_gguf_cache_is_kept_in_the_served_dtype(tmp_path: Path) -> None:
+    """A bf16 entry gets its own cache in bf16 (no float32 copy to cast at load), with the values a cast gives."""
+    wide = load_model(tiny_entry(DEFAULT_SOURCE, name="smollm2", dtype="float32"), cache_dir=tmp_path)
+    narrow = load_model(tiny_entry(DEFAULT_SOURCE, name="smollm2", dtype="bfloat16"), cache_dir=tmp_path)
+    assert narrow.weights_path != wide.weights_path
+    assert '"dtype": "bfloat16"' in (narrow.weights_path / "config.json").read_text()
+    assert (narrow.weights_path / "model.safetensors").stat().st_size < (
+        wide.weights_path / "model.safetensors"
+    ).stat().st_size * 0.6
+    for (name, a), (_, b) in zip(wide.model.state_dict().items(), narrow.model.state_dict().items(), strict=True):
+        assert torch.equal(a.to(torch.bfloat16), b), name
+    # Quantized and LoRA entries (and the benchmark's peers) keep reading the float32 conversion.
+    assert loader._gguf_cache(Path(resolve_source(DEFAULT_SOURCE)), tmp_path)[0] == wide.weights_path
