@@ -64,46 +64,47 @@ def tok_s(report: Report | None) -> str:
 
 
 def ratios(measured: list[Measured]) -> list[str]:
-    """tokenmill / the best configuration of every other peer, per level, in tokens/s and TTFT p50."""
-    ours = next((m for m in measured if m.peer == TOKENMILL), None)
-    if ours is None:
+    """tokenmill's best configuration / the best configuration of every other peer, per level, in tokens/s and
+    TTFT p50."""
+    if not any(m.peer == TOKENMILL for m in measured):
         return ["tokenmill was not measured in this run: no ratios."]
     lines = []
     for peer in dict.fromkeys(m.peer for m in measured if m.peer != TOKENMILL):
         parts = []
         for c in levels(measured):
-            mine, theirs = ours.at(c), best(measured, peer, c)
+            mine, theirs = best(measured, TOKENMILL, c), best(measured, peer, c)
             if mine is None or theirs is None or theirs[1].tokens_per_s == 0:
                 continue
-            speed = mine.tokens_per_s / theirs[1].tokens_per_s
-            ttft = mine.ttft_p50 / theirs[1].ttft_p50 if theirs[1].ttft_p50 > 0 else float("nan")
-            parts.append(f"c={c} {speed:.2f}x tok/s, {ttft:.2f}x TTFT p50 ({theirs[0].name})")
+            speed = mine[1].tokens_per_s / theirs[1].tokens_per_s
+            ttft = mine[1].ttft_p50 / theirs[1].ttft_p50 if theirs[1].ttft_p50 > 0 else float("nan")
+            names = f"{mine[0].name} / {theirs[0].name}"
+            parts.append(f"c={c} {speed:.2f}x tok/s, {ttft:.2f}x TTFT p50 ({names})")
         if parts:
             lines.append(f"tokenmill / {peer} best: " + "; ".join(parts))
     return lines
 
 
-def _against_vllm(ours: Measured | None, measured: list[Measured], c: int, speed: float, ttft: float | None) -> Target:
+def _against_vllm(measured: list[Measured], c: int, speed: float, ttft: float | None) -> Target:
     text = f"c={c}: tok/s >= {speed}x vLLM best" + (f" and TTFT p50 <= {ttft}x vLLM's" if ttft is not None else "")
-    mine, theirs = (ours.at(c) if ours else None), best(measured, VLLM, c)
-    if mine is None or theirs is None:
+    ours, theirs = best(measured, TOKENMILL, c), best(measured, VLLM, c)
+    if ours is None or theirs is None:
         return Target(text, None, "tokenmill or vLLM not measured at this level")
-    vllm = theirs[1]
+    mine, vllm = ours[1], theirs[1]
     ratio = mine.tokens_per_s / vllm.tokens_per_s
     met = ratio >= speed and mine.errors == 0 and mine.bad_token_counts == 0
     detail = f"{mine.tokens_per_s:.1f} vs {vllm.tokens_per_s:.1f} tok/s = {ratio:.2f}x"
     if ttft is not None:
         met = met and mine.ttft_p50 <= ttft * vllm.ttft_p50
         detail += f"; TTFT p50 {mine.ttft_p50:.3f} vs {vllm.ttft_p50:.3f} s = {mine.ttft_p50 / vllm.ttft_p50:.2f}x"
-    return Target(text, met, f"{detail}; vLLM best: {theirs[0].name}")
+    return Target(text, met, f"{detail}; tokenmill best: {ours[0].name}, vLLM best: {theirs[0].name}")
 
 
 def targets(measured: list[Measured]) -> list[Target]:
-    ours = next((m for m in measured if m.peer == TOKENMILL), None)
+    ours = next((m for m in measured if m.peer == TOKENMILL), None)  # the defaults: memory and scaling
     found = [
-        _against_vllm(ours, measured, 32, 1.2, 0.5),
-        _against_vllm(ours, measured, 8, 1.2, 1.0),
-        _against_vllm(ours, measured, 1, 1.5, None),
+        _against_vllm(measured, 32, 1.2, 0.5),
+        _against_vllm(measured, 8, 1.2, 1.0),
+        _against_vllm(measured, 1, 1.5, None),
     ]
     rss_text = f"tokenmill peak RSS (all its processes) <= {RSS_LIMIT / 1e9:.1f} GB"
     if ours is None or not ours.reports:

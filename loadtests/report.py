@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted, missing = chosen(peers, cache, args.port) if peers or not args.servers else ([], [])
     for line in missing:
         print(f"skipping {line}", flush=True)
-    runs = [] if args.no_tokenmill else [(comparison.TOKENMILL, tokenmill(args.port))]
+    runs = [] if args.no_tokenmill else [(comparison.TOKENMILL, server) for server in tokenmill(args.port)]
     measured = [measure(peer, server, args) for peer, server in [*runs, *wanted]]
 
     lines = conditions(args, cache)

@@ -11,14 +11,22 @@ from loadtests.peers import cache_dir, llama_cpp, transformers_serve, vllm_cpu
 from loadtests.peers.server import Peer, Server
 
 
-def tokenmill(port: int) -> Server:
-    return Server(
-        name="tokenmill",
-        weights="Q4_1 GGUF dequantized, bf16",
-        command=[sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-        port=port,
-        ready_path="/ready",
-    )
+def tokenmill(port: int) -> list[Server]:
+    """The defaults (one worker thread on 2 cores), and two threads bound to the cores as vLLM's best runs: faster on
+    a quiet machine, but spinning OpenMP threads collapse when another process wants a core."""
+    command = [sys.executable, "-m", "app.cli", "serve", "--port"]
+    weights = "Q4_1 GGUF dequantized, bf16"
+    return [
+        Server(name="tokenmill", weights=weights, command=[*command, str(port)], port=port, ready_path="/ready"),
+        Server(
+            name="tokenmill-2threads",
+            weights=f"{weights}, 2 threads bound",
+            command=[*command, str(port + 1), "--threads", "2"],
+            port=port + 1,
+            env={"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"},
+            ready_path="/ready",
+        ),
+    ]
 
 
 def _naive_servers(cache: Path, port: int) -> list[Server]:
