@@ -46,6 +46,15 @@ def is_installed(directory: Path) -> bool:
     return (directory / INSTALLED).is_file()
 
 
+def begin_install(name: str, directory: Path) -> float | None:
+    """None when `directory` already holds a finished install (and says so); else the start time, the directory made."""
+    if is_installed(directory):
+        print(f"{name}: installed in {directory}")
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    return time.monotonic()
+
+
 def mark_installed(directory: Path, started: float, note: str) -> None:
     """Records the install as complete, with its duration and size, so a second install is a no-op."""
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file() and not f.is_symlink())

@@ -12,10 +12,9 @@ import os
 import shutil
 import sys
 import tarfile
-import time
 from pathlib import Path
 
-from loadtests.peers import cache_dir, converted_model, default_gguf, is_installed, mark_installed, step
+from loadtests.peers import begin_install, cache_dir, converted_model, default_gguf, is_installed, mark_installed, step
 from loadtests.peers.server import Peer, Server, serving
 
 NAME = "llama.cpp"
@@ -52,11 +51,9 @@ def sources(directory: Path, log: Path) -> Path:
 
 def install(cache: Path) -> None:
     directory = home(cache)
-    if is_installed(directory):
-        print(f"{NAME}: installed in {directory}")
+    started = begin_install(NAME, directory)
+    if started is None:
         return
-    started = time.monotonic()
-    directory.mkdir(parents=True, exist_ok=True)
     log = directory / "install.log"
     src = sources(directory, log)
     build = directory / "build"

@@ -10,10 +10,9 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import sys
-import time
 from pathlib import Path
 
-from loadtests.peers import cache_dir, converted_model, is_installed, make_venv, mark_installed
+from loadtests.peers import begin_install, cache_dir, converted_model, is_installed, make_venv, mark_installed
 from loadtests.peers.server import Peer, Server
 
 NAME = "transformers-serve"
@@ -28,11 +27,9 @@ def home(cache: Path) -> Path:
 
 def install(cache: Path) -> None:
     directory = home(cache)
-    if is_installed(directory):
-        print(f"{NAME}: installed in {directory}")
+    started = begin_install(NAME, directory)
+    if started is None:
         return
-    started = time.monotonic()
-    directory.mkdir(parents=True, exist_ok=True)
     transformers = importlib.metadata.version("transformers")
     torch = importlib.metadata.version("torch").split("+")[0]  # the local CPU wheel satisfies the plain version
     packages = [f"transformers[serving]=={transformers}", f"torch=={torch}", "accelerate"]

