@@ -29,13 +29,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tokenmill.engine")
 
-CPU_KV_DEFAULT_CAP = 512 << 20  # 512 MiB: room for 22k tokens of SmolLM2, the server under 1.5 GB in all
+CPU_KV_DEFAULT_CAP = 256 << 20  # 256 MiB: 11k tokens of SmolLM2; a long run touches it all, and the server stays under 1.5 GB
 CPU_KV_DEFAULT_SHARE = 0.25
 CUDA_KV_DEFAULT_SHARE = 0.8
 
 
 def default_kv_cache_memory(device: torch.device) -> int:
-    """A sane share of free memory: a quarter of available RAM (at most 512 MiB) on CPU, most of free GPU memory."""
+    """A sane share of free memory: a quarter of available RAM (at most 256 MiB) on CPU, most of free GPU memory."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * CUDA_KV_DEFAULT_SHARE)
