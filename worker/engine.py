@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tokenmill.engine")
 
-CPU_KV_DEFAULT_CAP = 256 << 20  # 256 MiB: 11k tokens of SmolLM2; a long run touches it all, and the server stays under 1.5 GB
+# 256 MiB: 11k tokens of SmolLM2. A long run touches all of it; with it the default server peaks at 1.50 GB.
+CPU_KV_DEFAULT_CAP = 256 << 20
 CPU_KV_DEFAULT_SHARE = 0.25
 CUDA_KV_DEFAULT_SHARE = 0.8
 
