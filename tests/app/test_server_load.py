@@ -265,11 +265,11 @@ def test_queued_non_streaming_client_disconnect_aborts_in_the_worker(server: Ser
 def test_request_timeout_returns_an_error_promptly_and_frees_the_request(client: httpx.Client) -> None:
     before = scrape(client)
     start = time.monotonic()
-    response = client.post("/v1/chat/completions", json=chat_body(LONG, timeout=0.5))
+    response = client.post("/v1/chat/completions", json=chat_body(LONG, timeout=0.1))
     elapsed = time.monotonic() - start
     error = assert_openai_error(response, 408, "timeout_error", "timeout")
     assert error["param"] is None
-    assert elapsed < 3.0, f"took {elapsed:.2f} s for a 0.5 s timeout"
+    assert elapsed < 3.0, f"took {elapsed:.2f} s for a 0.1 s timeout"
     wait_until(
         client,
         lambda s: aborted(s, "timeout") == aborted(before, "timeout") + 1 and idle(s),
@@ -281,11 +281,11 @@ def test_streaming_request_timeout_ends_the_stream_with_an_error(client: httpx.C
     before = scrape(client)
     start = time.monotonic()
     events: list[str] = []
-    with client.stream("POST", "/v1/chat/completions", json=chat_body(LONG, stream=True, timeout=0.5)) as response:
+    with client.stream("POST", "/v1/chat/completions", json=chat_body(LONG, stream=True, timeout=0.1)) as response:
         assert response.status_code == 200
         events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
     elapsed = time.monotonic() - start
-    assert elapsed < 3.0, f"took {elapsed:.2f} s for a 0.5 s timeout"
+    assert elapsed < 3.0, f"took {elapsed:.2f} s for a 0.1 s timeout"
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert (error["type"], error["code"]) == ("timeout_error", "timeout")
