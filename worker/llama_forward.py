@@ -56,7 +56,6 @@ def supports(model: PreTrainedModel) -> bool:
 class LlamaForward:
     def __init__(self, model: PreTrainedModel) -> None:
         config = model.config
-        self.model = model
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
