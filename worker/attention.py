@@ -1,8 +1,9 @@
 """Paged attention plugged into transformers' attention interface: the HF model runs, our function attends.
 
 One forward takes a packed batch ([1, T] tokens of every scheduled request, no padding). Each layer writes its new
-K/V into the paged cache, then attends: prefill chunks one request at a time with SDPA, decodes all at once with
-batched matmuls over the gathered blocks (faster than SDPA with a mask for single query rows on CPU).
+K/V into the paged cache, then attends: prefill chunks one request at a time with SDPA, decodes all at once, with
+the C kernel of `worker.native` reading the cache in place where it runs, else with batched matmuls over the
+gathered blocks (faster than SDPA with a mask for single query rows on CPU).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+
+from worker import native
 
 ATTENTION_NAME = "tokenmill_paged"
 META_KWARG = "tokenmill_meta"
@@ -35,7 +38,8 @@ class DecodeBatch:
 
     rows: torch.Tensor  # [B] long
     block_tables: torch.Tensor  # [B, max_blocks] long (padded with block 0)
-    additive_mask: torch.Tensor  # [1, B, 1, max_blocks * block_size] float: 0 or -inf
+    lengths: torch.Tensor  # [B] long: cached tokens, the new one included
+    additive_mask: torch.Tensor | None  # [1, B, 1, max_blocks * block_size] float, 0 or -inf; None: native kernel
     every_row: bool = False  # the step is all decodes, rows 0..B-1 in order
 
 
@@ -75,7 +79,7 @@ def attend(
     flat_v.index_copy_(1, meta.slot_mapping, v.to(v_cache.dtype))
 
     if meta.decode is not None and meta.decode.every_row:
-        return _decode_attention(q, k_cache, v_cache, meta.decode, scale)
+        return _decode_attention(q.transpose(0, 1), k_cache, v_cache, meta.decode, scale)
     out = torch.empty(q.shape[1], q.shape[0], head_dim, dtype=q.dtype, device=q.device)  # [T, H, D]
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.q_len)
@@ -95,7 +99,7 @@ def attend(
         out[rows] = attn.transpose(0, 1)
 
     if meta.decode is not None:
-        rows_q = q.index_select(1, meta.decode.rows)  # [H, B, D]
+        rows_q = q.transpose(0, 1).index_select(0, meta.decode.rows)  # [B, H, D]
         out[meta.decode.rows] = _decode_attention(rows_q, k_cache, v_cache, meta.decode, scale)
     return out
 
@@ -103,8 +107,14 @@ def attend(
 def _decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, decode: DecodeBatch, scale: float
 ) -> torch.Tensor:
-    """q [H, B, D] -> [B, H, D]. The cache layout [Hkv, blocks, block_size, D] makes one gather give [Hkv, B, L, D]."""
-    heads, batch, head_dim = q.shape
+    """q [B, H, D] -> [B, H, D]. The cache layout [Hkv, blocks, block_size, D] makes one gather give [Hkv, B, L, D]."""
+    if decode.additive_mask is None:
+        out = native.decode_attention(q, k_cache, v_cache, decode.block_tables, decode.lengths, scale)
+        if out is None:
+            raise RuntimeError("the native decode kernel refused shapes it was chosen for")
+        return out
+    batch, heads, head_dim = q.shape
+    q = q.transpose(0, 1)  # [H, B, D]
     kv_heads, num_blocks, block_size, _ = k_cache.shape
     tables = decode.block_tables
     length = tables.shape[1] * block_size

@@ -7,6 +7,12 @@ use. The HF model's own weights are reused (its projections become views of the 
 computes the position embeddings, and every op mirrors the HF one (norms in float32, rotary in the model dtype), so
 greedy outputs stay equal to transformers' `generate`.
 
+In bfloat16 on a CPU the projections go through oneDNN with weights reordered once, at load, into its blocked
+layout: `F.linear` reorders them on every call, which at decode batch sizes cost as much as the product itself. The
+packed product is the same oneDNN kernel, so its output is bitwise that of `F.linear`; each weight is checked for
+that when packed, and kept plain where it differs. Packing takes the weights over: the HF projections are released
+(the process holds one copy), so the model's own forward no longer runs.
+
 Models of other shapes, quantized weights and anything else unusual keep the HF forward (`supports` says which).
 """
 
@@ -26,14 +32,28 @@ SUPPORTED_TYPES = frozenset({"llama", "qwen2", "mistral"})
 
 
 @dataclass
+class Projection:
+    """x @ W.T + b, where W is plain or packed for oneDNN."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    packed: bool = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            return out
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass
 class _Layer:
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # [(H + 2 Hkv) * D, hidden]
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
+    qkv: Projection  # [(H + 2 Hkv) * D, hidden]
+    o: Projection
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor
+    gate_up: Projection  # [2 * intermediate, hidden]
+    down: Projection
 
 
 def supports(model: PreTrainedModel) -> bool:
@@ -53,6 +73,11 @@ def supports(model: PreTrainedModel) -> bool:
     return all(type(m) is nn.Linear and type(m.weight) is nn.Parameter for m in linears)  # no quantized layers
 
 
+def packs(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether weights of this dtype on this device are worth packing for oneDNN (bfloat16 on a CPU with oneDNN)."""
+    return dtype == torch.bfloat16 and device.type == "cpu" and torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+
+
 class LlamaForward:
     def __init__(self, model: PreTrainedModel) -> None:
         config = model.config
@@ -67,24 +92,36 @@ class LlamaForward:
         lm_head = model.get_output_embeddings()  # type: ignore[no-untyped-call]
         assert isinstance(lm_head, nn.Linear)
         self.lm_head = lm_head
+        weight = self.final_norm
+        self.pack = packs(weight.dtype, weight.device)
         self.layers = [self._fuse(layer) for layer in body.layers[: config.num_hidden_layers]]
         self.scaling = float(body.layers[0].self_attn.scaling)
 
-    @staticmethod
-    def _fuse(layer: Any) -> _Layer:  # an HF decoder layer: attribute access is all it offers to types
+    def _fuse(self, layer: Any) -> _Layer:  # an HF decoder layer: attribute access is all it offers to types
         attn, mlp = layer.self_attn, layer.mlp
-        qkv = _concat_into_views([attn.q_proj, attn.k_proj, attn.v_proj])
         biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
         qkv_bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
         return _Layer(
             input_norm=layer.input_layernorm.weight.detach(),
-            qkv=qkv,
-            qkv_bias=qkv_bias,
-            o=attn.o_proj.weight.detach(),
+            qkv=self._project([attn.q_proj, attn.k_proj, attn.v_proj], qkv_bias),
+            o=self._project([attn.o_proj]),
             post_norm=layer.post_attention_layernorm.weight.detach(),
-            gate_up=_concat_into_views([mlp.gate_proj, mlp.up_proj]),
-            down=mlp.down_proj.weight.detach(),
+            gate_up=self._project([mlp.gate_proj, mlp.up_proj]),
+            down=self._project([mlp.down_proj]),
         )
+
+    def _project(self, linears: list[nn.Linear], bias: torch.Tensor | None = None) -> Projection:
+        """One projection for several of the same input; packed (and the HF weights released) where exact, else
+        plain, with the HF weights made views of it."""
+        if not self.pack:
+            return Projection(_concat_into_views(linears) if len(linears) > 1 else linears[0].weight.detach(), bias)
+        fused = torch.cat([linear.weight.detach() for linear in linears])
+        packed = _packed_if_exact(fused, bias)
+        if packed is None:
+            return Projection(_concat_into_views(linears) if len(linears) > 1 else linears[0].weight.detach(), bias)
+        for linear in linears:
+            linear.weight = nn.Parameter(torch.empty(linear.weight.shape, device="meta"), requires_grad=False)
+        return Projection(packed, bias, packed=True)
 
     @torch.inference_mode()
     def __call__(
@@ -99,14 +136,14 @@ class LlamaForward:
         k_end = q_end + self.kv_heads
         for index, layer in enumerate(self.layers):
             normed = self._rms_norm(hidden, layer.input_norm)
-            qkv = F.linear(normed, layer.qkv, layer.qkv_bias).view(tokens, -1, self.head_dim)
+            qkv = layer.qkv(normed).view(tokens, -1, self.head_dim)
             qk = _rotate(qkv[:, :k_end], cos, sin)  # q and k heads in one go
             q, k, v = qk[:, :q_end], qk[:, q_end:], qkv[:, k_end:]
             attn = attend(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), index, meta, self.scaling)
-            hidden = hidden + F.linear(attn.reshape(tokens, -1), layer.o)
+            hidden = hidden + layer.o(attn.reshape(tokens, -1))
             normed = self._rms_norm(hidden, layer.post_norm)
-            gate, up = F.linear(normed, layer.gate_up).chunk(2, dim=-1)
-            hidden = hidden + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(normed).chunk(2, dim=-1)
+            hidden = hidden + layer.down(F.silu(gate) * up)
         last = self._rms_norm(hidden.index_select(0, keep), self.final_norm)
         logits: torch.Tensor = self.lm_head(last)
         return logits
@@ -121,6 +158,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return (x * cos) + (rotated * sin)
+
+
+def _packed_if_exact(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """`weight` reordered for oneDNN, if its products equal `F.linear`'s bit for bit at a few batch sizes."""
+    packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight, 32)  # 32 rows: the layout's size hint
+    gen = torch.Generator().manual_seed(0)
+    for rows in (1, 7, 64):
+        x = torch.randn(rows, weight.shape[1], generator=gen).to(weight.dtype)
+        got = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        if not torch.equal(got, F.linear(x, weight, bias)):
+            return None
+    return packed
 
 
 def _concat_into_views(linears: list[nn.Linear]) -> torch.Tensor:

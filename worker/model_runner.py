@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from worker import attention, llama_forward
+from worker import attention, llama_forward, native
 from worker.attention import AttentionMetadata, DecodeBatch, PrefillSpan
 
 
@@ -46,6 +46,8 @@ class ModelRunner:
         self.kv_caches = [(pool[layer, 0], pool[layer, 1]) for layer in range(layers)]
         model.set_attn_implementation(attention.register())
         self.lean = llama_forward.LlamaForward(model) if llama_forward.supports(model) else None
+        heads = model.config.get_text_config().num_attention_heads
+        self.native_decode = native.decode_attention_takes(self.dtype, device, heads, kv_heads, head_dim)
 
     @torch.inference_mode()
     def execute(self, items: list[BatchItem]) -> torch.Tensor:
@@ -116,13 +118,16 @@ class ModelRunner:
         tables = [
             item.block_table[:max_blocks] + [0] * (max_blocks - len(item.block_table[:max_blocks])) for item in items
         ]
-        lengths_t = torch.tensor(lengths, device=self.device)
-        key_pos = torch.arange(max_blocks * bs, device=self.device)
-        mask = torch.zeros(1, len(items), 1, max_blocks * bs, device=self.device)
-        mask.masked_fill_((key_pos[None, :] >= lengths_t[:, None])[None, :, None, :], float("-inf"))
+        lengths_t = torch.tensor(lengths, dtype=torch.long, device=self.device)
+        mask = None
+        if not self.native_decode:
+            key_pos = torch.arange(max_blocks * bs, device=self.device)
+            mask = torch.zeros(1, len(items), 1, max_blocks * bs, device=self.device)
+            mask.masked_fill_((key_pos[None, :] >= lengths_t[:, None])[None, :, None, :], float("-inf"))
         return DecodeBatch(
             rows=torch.tensor(rows, dtype=torch.long, device=self.device),
             block_tables=torch.tensor(tables, dtype=torch.long, device=self.device),
+            lengths=lengths_t,
             additive_mask=mask,
             every_row=len(rows) == num_rows,  # decodes are one row each, so then they are rows 0..B-1 in order
         )

@@ -48,8 +48,41 @@ def test_fused_weights_stay_the_models_own(model: PreTrainedModel) -> None:
     assert runner.lean is not None
     layer = runner.model.model.layers[0]  # type: ignore[attr-defined]
     fused = runner.lean.layers[0]
-    assert layer.self_attn.q_proj.weight.untyped_storage().data_ptr() == fused.qkv.untyped_storage().data_ptr()
-    assert layer.mlp.up_proj.weight.untyped_storage().data_ptr() == fused.gate_up.untyped_storage().data_ptr()
+    assert layer.self_attn.q_proj.weight.untyped_storage().data_ptr() == fused.qkv.weight.untyped_storage().data_ptr()
+    assert layer.mlp.up_proj.weight.untyped_storage().data_ptr() == fused.gate_up.weight.untyped_storage().data_ptr()
+
+
+@pytest.fixture(scope="module")
+def bf16_model(tiny_qwen2_dir: Path) -> PreTrainedModel:
+    """bfloat16, where projections are packed for oneDNN; Qwen2 has q/k/v biases, which the packed product adds."""
+    return AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.bfloat16).eval()
+
+
+def test_packed_projections_give_the_plain_products_bit_for_bit(
+    bf16_model: PreTrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not llama_forward.packs(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("torch has no oneDNN here")
+    packed = ModelRunner(copy.deepcopy(bf16_model), num_blocks=8, block_size=4, device=torch.device("cpu"))
+    assert packed.lean is not None
+    assert all(p.packed for layer in packed.lean.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    assert packed.lean.layers[0].qkv.bias is not None
+    hf_layer = packed.model.model.layers[0]  # type: ignore[attr-defined]
+    assert hf_layer.self_attn.q_proj.weight.is_meta and hf_layer.mlp.down_proj.weight.is_meta  # one copy held
+    monkeypatch.setattr(llama_forward, "packs", lambda dtype, device: False)
+    plain = ModelRunner(copy.deepcopy(bf16_model), num_blocks=8, block_size=4, device=torch.device("cpu"))
+    assert plain.lean is not None and not plain.lean.layers[0].qkv.packed
+    for step in mixed_batch(packed, int(bf16_model.config.vocab_size)):
+        assert torch.equal(packed.execute(step), plain.execute(step))
+
+
+def test_torch_decode_attention_equals_generate(model: PreTrainedModel) -> None:
+    """The gather-and-matmul decode path, which runs where the native kernel cannot."""
+    engine = make_engine(model)
+    engine.runner.native_decode = False
+    prompts = random_prompts(int(model.config.vocab_size), [5, 17, 3, 30])
+    run = run_all(engine, prompts, SamplingParams(max_tokens=10, temperature=0.0))
+    assert run.tokens == {rid: reference(model, prompt, 10) for rid, prompt in prompts.items()}
 
 
 def test_hf_path_still_equals_generate(model: PreTrainedModel) -> None:

@@ -1,0 +1,96 @@
+"""The C decode-attention kernel against attention computed in float64 from gathered blocks, and its build."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from worker import native
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no AVX-512 or no C compiler: the torch path runs")
+
+
+def reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q [B, H, D]; caches [Hkv, blocks, bs, D]: each sequence's keys gathered, softmax(q k^T) v in float64."""
+    kv_heads, _, block_size, head_dim = k.shape
+    group = q.shape[1] // kv_heads
+    out = []
+    for b, n in enumerate(lengths.tolist()):
+        slots = torch.tensor([int(tables[b, p // block_size]) * block_size + p % block_size for p in range(n)])
+        keys = k.reshape(kv_heads, -1, head_dim)[:, slots].double().repeat_interleave(group, 0)  # [H, n, D]
+        values = v.reshape(kv_heads, -1, head_dim)[:, slots].double().repeat_interleave(group, 0)
+        scores = torch.einsum("hd,hnd->hn", q[b].double(), keys) * scale
+        out.append(torch.einsum("hn,hnd->hd", torch.softmax(scores, -1), values))
+    return torch.stack(out)
+
+
+SHAPES = [(9, 3, 64, 16), (4, 4, 32, 4), (8, 1, 128, 7)]  # heads, KV heads, head dim, block size
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size"), SHAPES)
+def test_equals_float64_attention(
+    dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int
+) -> None:
+    gen = torch.Generator().manual_seed(heads * head_dim + block_size)
+    num_blocks, batch = 40, 6
+    k = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=gen).to(dtype)
+    v = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=gen).to(dtype)
+    lengths = torch.tensor([1, block_size, block_size + 1, 3 * block_size - 1, 37, 5 * block_size], dtype=torch.long)
+    max_blocks = -(-int(lengths.max()) // block_size)
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:max_blocks] for _ in range(batch)])
+    # q as the forward hands it over: a slice of the fused qkv rows, so rows are strided
+    qkv = torch.randn(batch, heads + 2 * kv_heads, head_dim, generator=gen).to(dtype)
+    q = qkv[:, :heads]
+    got = native.decode_attention(q, k, v, tables, lengths, head_dim**-0.5)
+    assert got is not None and got.dtype == dtype and got.shape == (batch, heads, head_dim)
+    want = reference(q, k, v, tables, lengths, head_dim**-0.5)
+    # float32: summation order only; bfloat16: the output's own rounding (half an ulp, 2^-9 relative)
+    tol = 1e-5 if dtype == torch.float32 else 4e-3
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_padded_tables_and_large_scores() -> None:
+    """Table entries past a sequence's length are never read, and big logits do not overflow the softmax."""
+    k = torch.full((1, 4, 4, 16), 30.0)
+    v = torch.arange(4 * 4 * 16, dtype=torch.float32).view(1, 4, 4, 16)
+    tables = torch.tensor([[2, 999_999]])  # the second entry would be out of bounds if read
+    got = native.decode_attention(torch.ones(1, 1, 16), k, v, tables, torch.tensor([3]), 1.0)
+    assert got is not None
+    torch.testing.assert_close(got[0, 0], v[0, 2, :3].mean(0))  # equal scores: the mean of the three values
+
+
+def test_refuses_what_it_does_not_take() -> None:
+    k = torch.zeros(2, 4, 4, 16)
+    tables, lengths = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long)
+    assert native.decode_attention(torch.zeros(1, 3, 16), k, k, tables, lengths, 1.0) is None  # 3 heads over 2
+    half = k.half()
+    assert native.decode_attention(torch.zeros(1, 2, 16).half(), half, half, tables, lengths, 1.0) is None
+    assert not native.decode_attention_takes(torch.float32, torch.device("cpu"), 8, 2, 24)  # head_dim % 16
+    assert native.decode_attention_takes(torch.bfloat16, torch.device("cpu"), 8, 2, 64)
+
+
+def test_switched_off_by_environment() -> None:
+    code = "from worker import native; print(native.library() is None)"
+    env = {"TOKENMILL_NATIVE": "0", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+def test_built_once_per_source_compiler_and_cpu(tmp_path: Path) -> None:
+    """A second process loads the library the first built instead of compiling it again."""
+    code = "from worker import native; lib = native.library(); print(lib._name if lib else None)"
+    env = {"TOKENMILL_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    built = Path(first.stdout.strip())
+    assert built.parent == tmp_path / "native" and built.exists()
+    stamp = built.stat().st_mtime_ns
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert second.stdout == first.stdout and built.stat().st_mtime_ns == stamp
+    assert list(built.parent.iterdir()) == [built]  # no scratch left behind

@@ -1,0 +1,185 @@
+/* Decode attention straight from the paged KV cache: one query token per sequence, no gathered copy of its keys.
+ *
+ *   q       [B, H, D]   the new tokens' query heads; row stride q_row and head stride q_head, in elements
+ *   k, v    [Hkv, num_blocks, block_size, D], contiguous: one layer's cache
+ *   tables  [B, max_blocks] int64: each sequence's blocks; lengths [B] int64: its tokens, the new one included
+ *   out     [B, H, D], contiguous
+ *
+ * q, k, v and out are all float32 or all bfloat16. Query heads h*G .. h*G+G-1 share KV head h (G = H / Hkv).
+ * Scores, softmax and the weighted sum of values are float32; out is rounded once, at the end, to nearest even as
+ * torch rounds. Returns 0, or 1 for shapes it does not take (the caller then uses its own path), 2 out of memory.
+ * Written for AVX-512 (16 float lanes); elsewhere the caller keeps its torch path.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_D 512
+
+typedef enum { F32 = 0, BF16 = 1 } dtype_t;
+
+static inline float bf16_to_float(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float load1(const void *base, int64_t i, dtype_t t) {
+    return t == BF16 ? bf16_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+static inline void store1(void *base, int64_t i, float x, dtype_t t) {
+    if (t == BF16)
+        ((uint16_t *)base)[i] = float_to_bf16(x);
+    else
+        ((float *)base)[i] = x;
+}
+
+static inline const void *row_at(const void *base, int64_t i, dtype_t t) {
+    return t == BF16 ? (const void *)((const uint16_t *)base + i) : (const void *)((const float *)base + i);
+}
+
+#ifndef __AVX512F__
+#error "decode_attention.c is written for AVX-512"
+#endif
+#include <immintrin.h>
+#define LANES 16
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE __m512 load16(const void *base, int64_t i, dtype_t t) {
+    if (t == BF16) {
+        __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    }
+    return _mm512_loadu_ps((const float *)base + i);
+}
+
+/* exp of 16 lanes: 2^n p(r) with x = n ln2 + r, |r| <= ln2 / 2 and p of degree 6 (relative error about 2e-7). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static void softmax(float *s, int64_t n) {
+    __m512 top = _mm512_set1_ps(-FLT_MAX);
+    int64_t t = 0;
+    for (; t + LANES <= n; t += LANES) top = _mm512_max_ps(top, _mm512_loadu_ps(s + t));
+    float m = _mm512_reduce_max_ps(top);
+    for (int64_t i = t; i < n; i++) m = s[i] > m ? s[i] : m;
+    __m512 vm = _mm512_set1_ps(m), sum = _mm512_setzero_ps();
+    for (t = 0; t + LANES <= n; t += LANES) {
+        __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), vm));
+        _mm512_storeu_ps(s + t, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if (t < n) {
+        __mmask16 tail = (__mmask16)((1u << (n - t)) - 1u);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + t), vm));
+        _mm512_mask_storeu_ps(s + t, tail, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+    }
+    float inv = 1.0f / _mm512_reduce_add_ps(sum);
+    for (t = 0; t < n; t++) s[t] *= inv;
+}
+
+/* scores[g * n + i] = scale * q_g . key_i for one block of n keys */
+INLINE void block_scores(const float *qf, int G, int D, const void *keys, int64_t n, dtype_t t, float scale,
+                                float *scores, int64_t stride) {
+    __m512 row[MAX_D / LANES];
+    for (int64_t i = 0; i < n; i++) {
+        for (int c = 0; c < D / LANES; c++) row[c] = load16(keys, i * D + c * LANES, t);
+        for (int g = 0; g < G; g++) {
+            const float *qg = qf + g * D;
+            __m512 s = _mm512_mul_ps(_mm512_loadu_ps(qg), row[0]);
+            for (int c = 1; c < D / LANES; c++) s = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * LANES), row[c], s);
+            scores[g * stride + i] = _mm512_reduce_add_ps(s) * scale;
+        }
+    }
+}
+
+/* acc_g += sum_i probs[g * stride + i] value_i for one block of n values */
+INLINE void block_values(const float *probs, int G, int D, const void *values, int64_t n, dtype_t t,
+                                float *acc, int64_t stride) {
+    __m512 row[MAX_D / LANES];
+    for (int64_t i = 0; i < n; i++) {
+        for (int c = 0; c < D / LANES; c++) row[c] = load16(values, i * D + c * LANES, t);
+        for (int g = 0; g < G; g++) {
+            __m512 p = _mm512_set1_ps(probs[g * stride + i]);
+            float *ag = acc + g * D;
+            for (int c = 0; c < D / LANES; c++)
+                _mm512_storeu_ps(ag + c * LANES, _mm512_fmadd_ps(p, row[c], _mm512_loadu_ps(ag + c * LANES)));
+        }
+    }
+}
+
+
+int decode_attention(int dtype, const void *q, int64_t q_row, int64_t q_head, const void *k, const void *v,
+                     const int64_t *tables, int64_t max_blocks, const int64_t *lengths, void *out, int B, int H,
+                     int Hkv, int D, int64_t num_blocks, int block_size, float scale) {
+    dtype_t t = (dtype_t)dtype;
+    int G = Hkv > 0 ? H / Hkv : 0;
+    if ((t != F32 && t != BF16) || G < 1 || G * Hkv != H || D > MAX_D || D % LANES != 0 || block_size < 1)
+        return 1;
+    int64_t longest = 1;
+    for (int b = 0; b < B; b++) longest = lengths[b] > longest ? lengths[b] : longest;
+    float *scores = malloc(sizeof(float) * (size_t)(G * longest));
+    float *work = malloc(sizeof(float) * (size_t)(2 * G * D));
+    if (scores == NULL || work == NULL) {
+        free(scores);
+        free(work);
+        return 2;
+    }
+    float *qf = work, *acc = work + G * D;
+    int64_t block_elems = (int64_t)block_size * D, head_elems = num_blocks * block_elems;
+    for (int b = 0; b < B; b++) {
+        int64_t n = lengths[b];
+        const int64_t *table = tables + b * max_blocks;
+        for (int h = 0; h < Hkv; h++) {
+            for (int g = 0; g < G; g++)
+                for (int d = 0; d < D; d++) qf[g * D + d] = load1(q, b * q_row + (int64_t)(h * G + g) * q_head + d, t);
+            for (int64_t first = 0; first < n; first += block_size) {
+                int64_t count = n - first < block_size ? n - first : block_size;
+                const void *keys = row_at(k, h * head_elems + table[first / block_size] * block_elems, t);
+                if (t == BF16)
+                    block_scores(qf, G, D, keys, count, BF16, scale, scores + first, n);
+                else
+                    block_scores(qf, G, D, keys, count, F32, scale, scores + first, n);
+            }
+            for (int g = 0; g < G; g++) softmax(scores + g * n, n);
+            memset(acc, 0, sizeof(float) * (size_t)(G * D));
+            for (int64_t first = 0; first < n; first += block_size) {
+                int64_t count = n - first < block_size ? n - first : block_size;
+                const void *values = row_at(v, h * head_elems + table[first / block_size] * block_elems, t);
+                if (t == BF16)
+                    block_values(scores + first, G, D, values, count, BF16, acc, n);
+                else
+                    block_values(scores + first, G, D, values, count, F32, acc, n);
+            }
+            for (int i = 0; i < G * D; i++) store1(out, ((int64_t)b * H + (int64_t)h * G) * D + i, acc[i], t);
+        }
+    }
+    free(scores);
+    free(work);
+    return 0;
+}

@@ -1,0 +1,165 @@
+"""Kernels in C for what torch's ops do poorly here, built on first use with the system's C compiler.
+
+`decode_attention` (csrc/decode_attention.c) attends decode rows straight from the paged cache. The torch path
+gathers every sequence's blocks into a fresh tensor per layer and multiplies: at 32 decodes of 200 tokens that is
+three passes over the keys and values, and half the step. The kernel reads each cached row once; it takes half the
+time (SmolLM2's shapes, bfloat16, one thread).
+
+The shared library is compiled for this CPU (`-march=native`) into the cache directory, keyed by the source, the
+compiler and the CPU, so one build serves every later start (under a second). Where there is no compiler, no
+AVX-512, or `TOKENMILL_NATIVE=0`, nothing is built and the torch paths run; the log says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("tokenmill.native")
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_attention.c"
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"]
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+MAX_HEAD_DIM = 512  # MAX_D in the source
+
+
+def cache_dir() -> Path:
+    """Beside the converted weights: the server's cache directory (`TOKENMILL_CACHE_DIR`) or ~/.cache/tokenmill."""
+    return Path(os.environ.get("TOKENMILL_CACHE_DIR") or Path.home() / ".cache" / "tokenmill") / "native"
+
+
+def _cpu_key() -> str:
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "model name")):
+                flags += line
+    except OSError:
+        flags = platform.processor()
+    return flags
+
+
+def _has_avx512() -> bool:
+    return "avx512f" in _cpu_key().split()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_key()]).encode())
+    target = cache_dir() / f"decode_attention-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True, timeout=120)
+        os.replace(built, target)  # atomic: workers starting together never load a half-written file
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built kernels, or None (and a log line saying why) where they cannot run."""
+    if os.environ.get("TOKENMILL_NATIVE", "1") == "0":
+        log.info("native kernels off (TOKENMILL_NATIVE=0): torch paths only")
+        return None
+    if platform.machine() not in ("x86_64", "AMD64") or not _has_avx512():
+        log.info("native kernels need an x86 CPU with AVX-512: torch paths only")
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.info("no C compiler (cc, gcc, clang or $CC): native kernels off, torch paths only")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else exc
+        log.warning("native kernels failed to build or load, torch paths only: %s", detail)
+        return None
+    lib.decode_attention.restype = ctypes.c_int
+    lib.decode_attention.argtypes = [
+        ctypes.c_int,  # dtype
+        ctypes.c_void_p,  # q
+        ctypes.c_int64,  # q row stride
+        ctypes.c_int64,  # q head stride
+        ctypes.c_void_p,  # k cache
+        ctypes.c_void_p,  # v cache
+        ctypes.c_void_p,  # block tables
+        ctypes.c_int64,  # max blocks
+        ctypes.c_void_p,  # lengths
+        ctypes.c_void_p,  # out
+        ctypes.c_int,  # B
+        ctypes.c_int,  # H
+        ctypes.c_int,  # Hkv
+        ctypes.c_int,  # D
+        ctypes.c_int64,  # num blocks
+        ctypes.c_int,  # block size
+        ctypes.c_float,  # scale
+    ]
+    return lib
+
+
+def decode_attention_takes(dtype: torch.dtype, device: torch.device, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether `decode_attention` runs for a model of these shapes, its cache in `dtype` on `device`."""
+    shapes = heads % kv_heads == 0 and head_dim % 16 == 0 and head_dim <= MAX_HEAD_DIM
+    return shapes and device.type == "cpu" and dtype in DTYPE_CODES and library() is not None
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+) -> torch.Tensor | None:
+    """q [B, H, D] (head rows contiguous), caches [Hkv, blocks, block_size, D], tables [B, max_blocks] and lengths
+    [B] int64 -> [B, H, D]; None when the kernel does not take these shapes."""
+    lib = library()
+    code = DTYPE_CODES.get(q.dtype)
+    if lib is None or code is None or q.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return None
+    if k_cache.dtype != q.dtype or block_tables.dtype != torch.long or lengths.dtype != torch.long:
+        return None
+    batch, heads, head_dim = q.shape
+    kv_heads, num_blocks, block_size, _ = k_cache.shape
+    tables = block_tables.contiguous()
+    lengths = lengths.contiguous()
+    out = torch.empty(batch, heads, head_dim, dtype=q.dtype)
+    status = lib.decode_attention(
+        code,
+        q.data_ptr(),
+        q.stride(0),
+        q.stride(1),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        tables.data_ptr(),
+        tables.shape[1],
+        lengths.data_ptr(),
+        out.data_ptr(),
+        batch,
+        heads,
+        kv_heads,
+        head_dim,
+        num_blocks,
+        block_size,
+        scale,
+    )
+    return out if status == 0 else None
