@@ -29,6 +29,9 @@ log = logging.getLogger("tokenmill.native")
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_attention.c"
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"]
+# OpenMP splits the kernel over torch's threads: the library resolves libgomp to the copy torch has loaded, so
+# both share one thread pool. A compiler without OpenMP builds it single-threaded.
+OPENMP = ["-fopenmp"]
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 MAX_HEAD_DIM = 512  # MAX_D in the source
 
@@ -62,14 +65,18 @@ def _compiler() -> str | None:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_key()]).encode())
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS + OPENMP), version, _cpu_key()]).encode())
     target = cache_dir() / f"decode_attention-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True, timeout=120)
+        command = [compiler, *FLAGS, "-o", str(built), str(SOURCE)]
+        try:
+            subprocess.run([*command, *OPENMP], check=True, capture_output=True, timeout=120)
+        except subprocess.CalledProcessError:
+            subprocess.run(command, check=True, capture_output=True, timeout=120)
         os.replace(built, target)  # atomic: workers starting together never load a half-written file
     return target
 

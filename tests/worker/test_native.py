@@ -94,3 +94,21 @@ def test_built_once_per_source_compiler_and_cpu(tmp_path: Path) -> None:
     second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert second.stdout == first.stdout and built.stat().st_mtime_ns == stamp
     assert list(built.parent.iterdir()) == [built]  # no scratch left behind
+
+
+def test_threads_split_the_work_without_changing_it() -> None:
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 30, 8, 32, generator=gen).bfloat16()
+    v = torch.randn(2, 30, 8, 32, generator=gen).bfloat16()
+    q = torch.randn(7, 6, 32, generator=gen).bfloat16()
+    tables = torch.stack([torch.randperm(30, generator=gen)[:4] for _ in range(7)])
+    lengths = torch.tensor([1, 5, 8, 9, 20, 31, 32])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.decode_attention(q, k, v, tables, lengths, 0.2)
+        torch.set_num_threads(2)
+        two = native.decode_attention(q, k, v, tables, lengths, 0.2)
+    finally:
+        torch.set_num_threads(before)
+    assert one is not None and two is not None and torch.equal(one, two)

@@ -134,6 +134,34 @@ INLINE void block_values(const float *probs, int G, int D, const void *values, i
 }
 
 
+/* One sequence against one KV head: its G query heads; scores holds G * n floats, qf and acc G * D each. */
+static void attend_head(dtype_t t, const void *q, int64_t q_row, int64_t q_head, const void *k, const void *v,
+                        const int64_t *table, int64_t n, void *out, int b, int h, int H, int G, int D,
+                        int64_t head_elems, int block_size, float scale, float *scores, float *qf, float *acc) {
+    int64_t block_elems = (int64_t)block_size * D;
+    for (int g = 0; g < G; g++)
+        for (int d = 0; d < D; d++) qf[g * D + d] = load1(q, b * q_row + (int64_t)(h * G + g) * q_head + d, t);
+    for (int64_t first = 0; first < n; first += block_size) {
+        int64_t count = n - first < block_size ? n - first : block_size;
+        const void *keys = row_at(k, h * head_elems + table[first / block_size] * block_elems, t);
+        if (t == BF16)
+            block_scores(qf, G, D, keys, count, BF16, scale, scores + first, n);
+        else
+            block_scores(qf, G, D, keys, count, F32, scale, scores + first, n);
+    }
+    for (int g = 0; g < G; g++) softmax(scores + g * n, n);
+    memset(acc, 0, sizeof(float) * (size_t)(G * D));
+    for (int64_t first = 0; first < n; first += block_size) {
+        int64_t count = n - first < block_size ? n - first : block_size;
+        const void *values = row_at(v, h * head_elems + table[first / block_size] * block_elems, t);
+        if (t == BF16)
+            block_values(scores + first, G, D, values, count, BF16, acc, n);
+        else
+            block_values(scores + first, G, D, values, count, F32, acc, n);
+    }
+    for (int i = 0; i < G * D; i++) store1(out, ((int64_t)b * H + (int64_t)h * G) * D + i, acc[i], t);
+}
+
 int decode_attention(int dtype, const void *q, int64_t q_row, int64_t q_head, const void *k, const void *v,
                      const int64_t *tables, int64_t max_blocks, const int64_t *lengths, void *out, int B, int H,
                      int Hkv, int D, int64_t num_blocks, int block_size, float scale) {
@@ -143,43 +171,25 @@ int decode_attention(int dtype, const void *q, int64_t q_row, int64_t q_head, co
         return 1;
     int64_t longest = 1;
     for (int b = 0; b < B; b++) longest = lengths[b] > longest ? lengths[b] : longest;
-    float *scores = malloc(sizeof(float) * (size_t)(G * longest));
-    float *work = malloc(sizeof(float) * (size_t)(2 * G * D));
-    if (scores == NULL || work == NULL) {
+    int64_t head_elems = num_blocks * block_size * D;
+    int failed = 0;
+    /* (sequence, KV head) pairs split over the threads torch uses (the same OpenMP runtime, when built with it) */
+#pragma omp parallel reduction(| : failed)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(G * longest));
+        float *work = malloc(sizeof(float) * (size_t)(2 * G * D));
+#pragma omp for schedule(static)
+        for (int pair = 0; pair < B * Hkv; pair++) {
+            int b = pair / Hkv, h = pair % Hkv;
+            if (scores == NULL || work == NULL) {
+                failed = 1;
+                continue;
+            }
+            attend_head(t, q, q_row, q_head, k, v, tables + b * max_blocks, lengths[b], out, b, h, H, G, D,
+                        head_elems, block_size, scale, scores, work, work + G * D);
+        }
         free(scores);
         free(work);
-        return 2;
     }
-    float *qf = work, *acc = work + G * D;
-    int64_t block_elems = (int64_t)block_size * D, head_elems = num_blocks * block_elems;
-    for (int b = 0; b < B; b++) {
-        int64_t n = lengths[b];
-        const int64_t *table = tables + b * max_blocks;
-        for (int h = 0; h < Hkv; h++) {
-            for (int g = 0; g < G; g++)
-                for (int d = 0; d < D; d++) qf[g * D + d] = load1(q, b * q_row + (int64_t)(h * G + g) * q_head + d, t);
-            for (int64_t first = 0; first < n; first += block_size) {
-                int64_t count = n - first < block_size ? n - first : block_size;
-                const void *keys = row_at(k, h * head_elems + table[first / block_size] * block_elems, t);
-                if (t == BF16)
-                    block_scores(qf, G, D, keys, count, BF16, scale, scores + first, n);
-                else
-                    block_scores(qf, G, D, keys, count, F32, scale, scores + first, n);
-            }
-            for (int g = 0; g < G; g++) softmax(scores + g * n, n);
-            memset(acc, 0, sizeof(float) * (size_t)(G * D));
-            for (int64_t first = 0; first < n; first += block_size) {
-                int64_t count = n - first < block_size ? n - first : block_size;
-                const void *values = row_at(v, h * head_elems + table[first / block_size] * block_elems, t);
-                if (t == BF16)
-                    block_values(scores + first, G, D, values, count, BF16, acc, n);
-                else
-                    block_values(scores + first, G, D, values, count, F32, acc, n);
-            }
-            for (int i = 0; i < G * D; i++) store1(out, ((int64_t)b * H + (int64_t)h * G) * D + i, acc[i], t);
-        }
-    }
-    free(scores);
-    free(work);
-    return 0;
+    return failed ? 2 : 0;
 }
