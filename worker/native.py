@@ -1,9 +1,11 @@
-"""Kernels in C for what torch's ops do poorly here, built on first use with the system's C compiler.
+"""Kernels in C (csrc/kernels.c) for what torch's ops do poorly here, built on first use with the system's C compiler.
 
-`decode_attention` (csrc/decode_attention.c) attends decode rows straight from the paged cache. The torch path
+`decode_attention` attends decode rows straight from the paged cache. The torch path
 gathers every sequence's blocks into a fresh tensor per layer and multiplies: at 32 decodes of 200 tokens that is
 three passes over the keys and values, and half the step. The kernel reads each cached row once; it takes half the
 time (SmolLM2's shapes, bfloat16, one thread).
+
+`argmax` finds the greedy token of each row in a tenth of the time torch's CPU argmax takes.
 
 The shared library is compiled for this CPU (`-march=native`) into the cache directory, keyed by the source, the
 compiler and the CPU, so one build serves every later start (under a second). Where there is no compiler, no
@@ -27,13 +29,13 @@ import torch
 
 log = logging.getLogger("tokenmill.native")
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_attention.c"
+SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"]
 # OpenMP splits the kernel over torch's threads: the library resolves libgomp to the copy torch has loaded, so
 # both share one thread pool. A compiler without OpenMP builds it single-threaded.
 OPENMP = ["-fopenmp"]
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-MAX_HEAD_DIM = 512  # MAX_D in the source
+MAX_HEAD_DIM = 512  # MAX_D in kernels.c
 
 
 def cache_dir() -> Path:
@@ -66,7 +68,7 @@ def _compiler() -> str | None:
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS + OPENMP), version, _cpu_key()]).encode())
-    target = cache_dir() / f"decode_attention-{digest.hexdigest()[:16]}.so"
+    target = cache_dir() / f"kernels-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +122,22 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_int,  # block size
         ctypes.c_float,  # scale
     ]
+    lib.argmax_rows.restype = None
+    lib.argmax_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     return lib
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(dim=-1)` of a float32 matrix, the same indices (first of ties, NaN as the largest). torch's CPU
+    argmax took 4.3 ms over 32 rows of a 49,152-token vocabulary, ten times its own amax; this takes about amax's."""
+    lib = library()
+    if lib is None or x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu" or x.stride(1) != 1:
+        return x.argmax(dim=-1)
+    if x.shape[1] == 0 or x.shape[1] >= 2**31:
+        return x.argmax(dim=-1)
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    lib.argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr())
+    return out
 
 
 def decode_attention_takes(dtype: torch.dtype, device: torch.device, heads: int, kv_heads: int, head_dim: int) -> bool:

@@ -13,6 +13,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from worker import native
 from worker.messages import SampleLogprobs, SamplingParams, TokenLogprob
 
 _NEG_INF = float("-inf")
@@ -134,7 +135,7 @@ class Sampler:
         raw = logits.float()
         x = process_logits(raw, rows)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
-        tokens = x.argmax(dim=-1)
+        tokens = native.argmax(x)
         if x is not raw or sampled:
             chosen = x.gather(1, tokens[:, None])[:, 0]
             if sampled:
@@ -144,7 +145,7 @@ class Sampler:
             # A row with nothing left (every logit -inf) would yield a banned or NaN pick; the raw argmax is safer.
             dead = ~(chosen > _NEG_INF)
             if bool(dead.any()):
-                tokens = torch.where(dead, raw.argmax(dim=-1), tokens)
+                tokens = torch.where(dead, native.argmax(raw), tokens)
         token_ids: list[int] = tokens.tolist()
         return SamplerOutput(token_ids, _logprobs(raw, tokens, token_ids, rows))
 
@@ -158,7 +159,7 @@ class Sampler:
         # One CPU draw per row from that row's generator keeps seeded rows independent of the batch.
         noise = torch.stack([torch.empty(vocab).exponential_(generator=self._generator_for(r)) for r in rows])
         noise = noise.clamp_min_(torch.finfo(torch.float32).tiny).to(x.device)  # q == 0 would turn p == 0 into NaN
-        tokens = (x.softmax(dim=-1) / noise).argmax(dim=-1)
+        tokens = native.argmax(x.softmax(dim=-1) / noise)
         return tokens, x.gather(1, tokens[:, None])[:, 0]
 
 

@@ -112,3 +112,26 @@ def test_threads_split_the_work_without_changing_it() -> None:
     finally:
         torch.set_num_threads(before)
     assert one is not None and two is not None and torch.equal(one, two)
+
+
+@pytest.mark.parametrize("cols", [1, 15, 16, 49_152, 1000])
+def test_argmax_equals_torch(cols: int) -> None:
+    gen = torch.Generator().manual_seed(cols)
+    x = torch.randn(12, cols, generator=gen)
+    x[1] = float("-inf")  # nothing left: index 0, as torch
+    x[2, cols // 2 :] = x[2].max() + 1  # ties: the first
+    x[3, -1] = float("nan")  # NaN counts as the largest
+    x[4, cols // 3] = float("nan")
+    x[4, -1] = float("nan")
+    x[5] = x[5].round()  # many ties
+    x[6, -1] = float("inf")
+    x[7, 0] = 0.0
+    x[7, 1:] = -0.0  # equal values of different signs
+    assert torch.equal(native.argmax(x), x.argmax(dim=-1))
+    assert torch.equal(native.argmax(x[:, : max(1, cols - 3)]), x[:, : max(1, cols - 3)].argmax(dim=-1))  # strided
+
+
+def test_argmax_keeps_torch_for_what_it_does_not_take() -> None:
+    x = torch.randn(3, 40, dtype=torch.float64)
+    assert torch.equal(native.argmax(x), x.argmax(dim=-1))
+    assert torch.equal(native.argmax(x.float().t()), x.float().t().argmax(dim=-1))  # columns not contiguous
