@@ -67,16 +67,24 @@ def paged_attention(
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, meta: AttentionMetadata, scaling: float | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer: int,
+    meta: AttentionMetadata,
+    scaling: float | None,
+    stored: bool = False,
 ) -> torch.Tensor:
-    """Store one layer's new K/V in the paged cache and attend. q [H, T, D], k and v [Hkv, T, D] -> [T, H, D]."""
+    """Store one layer's new K/V in the paged cache (unless the caller has: `stored`) and attend.
+    q [H, T, D], k and v [Hkv, T, D] -> [T, H, D]."""
     k_cache, v_cache = meta.kv_caches[layer]
     kv_heads, num_blocks, block_size, head_dim = k_cache.shape
     scale = scaling if scaling is not None else head_dim**-0.5
     flat_k = k_cache.view(kv_heads, num_blocks * block_size, head_dim)
     flat_v = v_cache.view(kv_heads, num_blocks * block_size, head_dim)
-    flat_k.index_copy_(1, meta.slot_mapping, k.to(k_cache.dtype))
-    flat_v.index_copy_(1, meta.slot_mapping, v.to(v_cache.dtype))
+    if not stored:
+        flat_k.index_copy_(1, meta.slot_mapping, k.to(k_cache.dtype))
+        flat_v.index_copy_(1, meta.slot_mapping, v.to(v_cache.dtype))
 
     if meta.decode is not None and meta.decode.every_row:
         return _decode_attention(q.transpose(0, 1), k_cache, v_cache, meta.decode, scale)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from worker import native
 from worker.attention import AttentionMetadata, attend
 
 SUPPORTED_TYPES = frozenset({"llama", "qwen2", "mistral"})
@@ -94,6 +95,8 @@ class LlamaForward:
         self.lm_head = lm_head
         weight = self.final_norm
         self.pack = packs(weight.dtype, weight.device)
+        sizes = (config.hidden_size, config.intermediate_size, self.head_dim)
+        self.fused = native.layer_ops_take(weight.dtype, weight.device, *sizes)
         self.layers = [self._fuse(layer) for layer in body.layers[: config.num_hidden_layers]]
         self.scaling = float(body.layers[0].self_attn.scaling)
 
@@ -128,6 +131,8 @@ class LlamaForward:
         self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """input_ids and positions [T]; the logits [len(keep), vocab] of the rows in `keep`."""
+        if self.fused:
+            return self._fused(input_ids, positions, keep, meta)
         hidden = self.embed(input_ids)  # [T, hidden]
         cos, sin = self.rotary(hidden, positions[None])
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, D]
@@ -145,6 +150,33 @@ class LlamaForward:
             gate, up = layer.gate_up(normed).chunk(2, dim=-1)
             hidden = hidden + layer.down(F.silu(gate) * up)
         last = self._rms_norm(hidden.index_select(0, keep), self.final_norm)
+        logits: torch.Tensor = self.lm_head(last)
+        return logits
+
+    def _fused(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """The same layers with the elementwise steps in `native` kernels: the residual add goes into the next norm,
+        rotary into the cache write, silu into the product with up."""
+        hidden = self.embed(input_ids)  # [T, hidden], a new tensor: the residual stream, updated in place
+        cos, sin = self.rotary(hidden, positions[None])
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [T, D]
+        tokens = hidden.shape[0]
+        q_end = self.heads
+        k_end = q_end + self.kv_heads
+        delta: torch.Tensor | None = None
+        for index, layer in enumerate(self.layers):
+            normed = native.add_rms_norm(hidden, delta, layer.input_norm, self.eps)
+            qkv = layer.qkv(normed).view(tokens, -1, self.head_dim)
+            k_cache, v_cache = meta.kv_caches[index]
+            native.rope_store(qkv, cos, sin, self.heads, self.kv_heads, k_cache, v_cache, meta.slot_mapping)
+            q, k, v = qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:]
+            attn = attend(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), index, meta, self.scaling, True)
+            normed = native.add_rms_norm(hidden, layer.o(attn.reshape(tokens, -1)), layer.post_norm, self.eps)
+            delta = layer.down(native.silu_mul(layer.gate_up(normed)))
+        if delta is not None:
+            hidden = hidden + delta
+        last = native.add_rms_norm(hidden.index_select(0, keep), None, self.final_norm, self.eps)
         logits: torch.Tensor = self.lm_head(last)
         return logits
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from tests.worker.engine_harness import make_engine, random_prompts, reference, run_all
-from worker import llama_forward
+from worker import llama_forward, native
 from worker.messages import SamplingParams
 from worker.model_runner import BatchItem, ModelRunner
 
@@ -105,3 +105,37 @@ def test_other_shapes_keep_the_hf_forward(model: PreTrainedModel) -> None:
         odd.model.layers[0].mlp.up_proj  # type: ignore[union-attr]
     )
     assert not llama_forward.supports(odd)  # a layer whose weight is not a plain parameter (as quantized ones)
+
+
+@pytest.fixture(scope="module")
+def wide_heads(model: PreTrainedModel) -> PreTrainedModel:
+    """The tiny model's shape with 32-wide heads, which the fused layer kernels take (their rotary needs 32)."""
+    torch.manual_seed(2)
+    config = type(model.config)(
+        **{**model.config.to_dict(), "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}
+    )
+    return type(model)(config).eval()
+
+
+def test_fused_layers_equal_the_hf_modules(wide_heads: PreTrainedModel) -> None:
+    fused = ModelRunner(copy.deepcopy(wide_heads), num_blocks=8, block_size=4, device=torch.device("cpu"))
+    hf = ModelRunner(copy.deepcopy(wide_heads), num_blocks=8, block_size=4, device=torch.device("cpu"))
+    if not native.layer_ops_take(torch.float32, torch.device("cpu"), 64, 128, 32):
+        pytest.skip("no native kernels here")
+    assert fused.lean is not None and fused.lean.fused
+    hf.lean = None
+    for step in mixed_batch(fused, int(wide_heads.config.vocab_size)):
+        torch.testing.assert_close(fused.execute(step), hf.execute(step), rtol=1e-5, atol=1e-5)
+    for (fused_k, fused_v), (hf_k, hf_v) in zip(fused.kv_caches, hf.kv_caches, strict=True):
+        torch.testing.assert_close(fused_k, hf_k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused_v, hf_v, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_layers_greedy_equals_generate(wide_heads: PreTrainedModel) -> None:
+    engine = make_engine(wide_heads)
+    assert engine.runner.lean is not None and engine.runner.lean.fused == native.layer_ops_take(
+        torch.float32, torch.device("cpu"), 64, 128, 32
+    )
+    prompts = random_prompts(int(wide_heads.config.vocab_size), [5, 17, 3, 30], seed=4)
+    run = run_all(engine, prompts, SamplingParams(max_tokens=12, temperature=0.0))
+    assert run.tokens == {rid: reference(wide_heads, prompt, 12) for rid, prompt in prompts.items()}

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from worker import native
 
@@ -135,3 +137,76 @@ def test_argmax_keeps_torch_for_what_it_does_not_take() -> None:
     x = torch.randn(3, 40, dtype=torch.float64)
     assert torch.equal(native.argmax(x), x.argmax(dim=-1))
     assert torch.equal(native.argmax(x.float().t()), x.float().t().argmax(dim=-1))  # columns not contiguous
+
+
+def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many representable values of their dtype lie between a and b (same-sign finite values)."""
+    bits = {torch.bfloat16: torch.int16, torch.float32: torch.int32}[a.dtype]
+    return (a.view(bits).long() - b.view(bits).long()).abs()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_is_hfs_residual_add_and_norm(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(5)
+    hidden = (torch.randn(9, 576, generator=gen) * 3).to(dtype)
+    delta = torch.randn(9, 576, generator=gen).to(dtype)
+    norm = LlamaRMSNorm(576, eps=1e-5).to(dtype)
+    norm.weight.data = (1 + 0.1 * torch.randn(576, generator=gen)).to(dtype)
+    with torch.inference_mode():
+        summed = hidden + delta
+        want = norm(summed)
+    inout = hidden.clone()
+    got = native.add_rms_norm(inout, delta, norm.weight.detach(), 1e-5)
+    assert torch.equal(inout, summed)  # the residual stream: exactly torch's add
+    # the mean's summation order differs from torch's; in bfloat16 that is at most one unit in the last place, rarely
+    plain = native.add_rms_norm(hidden.clone(), None, norm.weight.detach(), 1e-5)
+    with torch.inference_mode():
+        plain_want = norm(hidden)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(plain, plain_want, rtol=1e-6, atol=1e-6)
+    else:
+        apart = ulps_apart(got, want)
+        assert int(apart.max()) <= 1 and float((apart > 0).float().mean()) < 0.01
+        assert int(ulps_apart(plain, plain_want).max()) <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_store_is_hfs_rotary_and_a_cache_write(dtype: torch.dtype) -> None:
+    heads, kv_heads, head_dim, tokens = 6, 2, 64, 5
+    gen = torch.Generator().manual_seed(6)
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, generator=gen).to(dtype)
+    angles = torch.rand(tokens, head_dim // 2, generator=gen) * 50
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(dtype)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(dtype)
+    q, k = qkv[None, :, :heads].transpose(1, 2), qkv[None, :, heads : heads + kv_heads].transpose(1, 2)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos[None], sin[None])  # [1, heads, T, D]
+    k_cache = torch.zeros(kv_heads, 4, 4, head_dim, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.tensor([3, 0, 9, 15, 4])
+    rotated = qkv.clone()
+    native.rope_store(rotated, cos, sin, heads, kv_heads, k_cache, v_cache, slots)
+    assert torch.equal(rotated[:, :heads], want_q[0].transpose(0, 1))  # the same roundings as HF's, bit for bit
+    assert torch.equal(rotated[:, heads : heads + kv_heads], want_k[0].transpose(0, 1))
+    assert torch.equal(rotated[:, heads + kv_heads :], qkv[:, heads + kv_heads :])  # values untouched
+    flat_k, flat_v = k_cache.view(kv_heads, 16, head_dim), v_cache.view(kv_heads, 16, head_dim)
+    assert torch.equal(flat_k[:, slots], want_k[0])
+    assert torch.equal(flat_v[:, slots], qkv[:, heads + kv_heads :].transpose(0, 1))
+    untouched = [s for s in range(16) if s not in slots.tolist()]
+    assert not flat_k[:, untouched].any() and not flat_v[:, untouched].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_is_hfs_gated_activation(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(7)
+    gate_up = (torch.randn(7, 2 * 1536, generator=gen) * 4).to(dtype)
+    gate_up[0, :8] = torch.tensor([-200.0, -90.0, -20.0, 0.0, -0.0, 20.0, 90.0, 200.0]).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    got = native.silu_mul(gate_up)
+    # exp differs from torch's in the last bit now and then, which in bfloat16 can move a rounding by one place
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    else:
+        apart = ulps_apart(got, want)
+        assert int(apart.max()) <= 1 and float((apart > 0).float().mean()) < 0.01

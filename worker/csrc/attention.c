@@ -1,6 +1,4 @@
-/* tokenmill's CPU kernels, loaded by worker/native.py.
- *
- * decode_attention: attention straight from the paged KV cache for one query token per sequence, with no gathered
+/* decode_attention: attention straight from the paged KV cache for one query token per sequence, with no gathered
  * copy of its keys.
  *
  *   q       [B, H, D]   the new tokens' query heads; row stride q_row and head stride q_head, in elements
@@ -13,76 +11,9 @@
  * torch rounds. Returns 0, or 1 for shapes it does not take (the caller then uses its own path), 2 out of memory.
  * Written for AVX-512 (16 float lanes); elsewhere the caller keeps its torch path.
  */
-#include <float.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "common.h"
 
 #define MAX_D 512
-
-typedef enum { F32 = 0, BF16 = 1 } dtype_t;
-
-static inline float bf16_to_float(uint16_t x) {
-    uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float load1(const void *base, int64_t i, dtype_t t) {
-    return t == BF16 ? bf16_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
-}
-
-static inline void store1(void *base, int64_t i, float x, dtype_t t) {
-    if (t == BF16)
-        ((uint16_t *)base)[i] = float_to_bf16(x);
-    else
-        ((float *)base)[i] = x;
-}
-
-static inline const void *row_at(const void *base, int64_t i, dtype_t t) {
-    return t == BF16 ? (const void *)((const uint16_t *)base + i) : (const void *)((const float *)base + i);
-}
-
-#ifndef __AVX512F__
-#error "kernels.c is written for AVX-512"
-#endif
-#include <immintrin.h>
-#define LANES 16
-#define INLINE static inline __attribute__((always_inline))
-
-INLINE __m512 load16(const void *base, int64_t i, dtype_t t) {
-    if (t == BF16) {
-        __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-    }
-    return _mm512_loadu_ps((const float *)base + i);
-}
-
-/* exp of 16 lanes: 2^n p(r) with x = n ln2 + r, |r| <= ln2 / 2 and p of degree 6 (relative error about 2e-7). */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 static void softmax(float *s, int64_t n) {
     __m512 top = _mm512_set1_ps(-FLT_MAX);
@@ -197,32 +128,3 @@ int decode_attention(int dtype, const void *q, int64_t q_row, int64_t q_head, co
     return failed ? 2 : 0;
 }
 
-/* out[r] = the index of the first largest x[r, :], as torch.argmax: a NaN counts as the largest. */
-static int64_t argmax_row(const float *x, int64_t cols) {
-    __m512 best = _mm512_set1_ps(-INFINITY);
-    __m512i where = _mm512_setzero_si512(), at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i step = _mm512_set1_epi32(LANES);
-    int64_t i = 0;
-    for (; i + LANES <= cols; i += LANES, at = _mm512_add_epi32(at, step)) {
-        __m512 v = _mm512_loadu_ps(x + i);
-        __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        if (nan) return i + __builtin_ctz(nan);
-        __mmask16 greater = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
-        best = _mm512_mask_blend_ps(greater, best, v);
-        where = _mm512_mask_blend_epi32(greater, where, at);
-    }
-    /* each lane holds the first index of its own largest value: the answer is the smallest among the top lanes */
-    float top = _mm512_reduce_max_ps(best);
-    __mmask16 lanes = _mm512_cmp_ps_mask(best, _mm512_set1_ps(top), _CMP_EQ_OQ);
-    int64_t found = _mm512_mask_reduce_min_epi32(lanes, where);
-    for (; i < cols; i++) {
-        if (x[i] != x[i]) return i;
-        if (x[i] > top) top = x[i], found = i;
-    }
-    return found;
-}
-
-void argmax_rows(const float *x, int64_t rows, int64_t cols, int64_t stride, int64_t *out) {
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; r++) out[r] = argmax_row(x + r * stride, cols);
-}
