@@ -48,6 +48,7 @@ def serve(sock: socket.socket, engine: Engine) -> None:
     threading.Thread(target=_reader, args=(sock, inbox), name="tokenmill-reader", daemon=True).start()
     transport.send(sock, engine.model_info())
     trimmer = HeapTrimmer()
+    trimmer.trim()  # what loading and packing the weights freed (25 MiB for SmolLM2)
     while True:
         trimmer.maybe_trim()
         rejected: list[RequestOutput] = []

@@ -48,7 +48,10 @@ class HeapTrimmer:
         self._trim = getattr(libc, "malloc_trim", None)
 
     def maybe_trim(self) -> None:
-        now = time.monotonic()
-        if self._trim is not None and now - self._last >= self.every:
-            self._last = now
+        if time.monotonic() - self._last >= self.every:
+            self.trim()
+
+    def trim(self) -> None:
+        self._last = time.monotonic()
+        if self._trim is not None:
             self._trim(0)

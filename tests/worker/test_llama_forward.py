@@ -139,3 +139,22 @@ def test_fused_layers_greedy_equals_generate(wide_heads: PreTrainedModel) -> Non
     prompts = random_prompts(int(wide_heads.config.vocab_size), [5, 17, 3, 30], seed=4)
     run = run_all(engine, prompts, SamplingParams(max_tokens=12, temperature=0.0))
     assert run.tokens == {rid: reference(wide_heads, prompt, 12) for rid, prompt in prompts.items()}
+
+
+def test_packing_lets_go_of_the_weights_file(bf16_model: PreTrainedModel, tmp_path: Path) -> None:
+    """Loaded in its stored dtype, a model's weights are views of the file's mapping; once the projections are
+    packed, nothing may hold that mapping, or every page read stays in RSS beside the packed copies."""
+    if not llama_forward.packs(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("torch has no oneDNN here")
+    bf16_model.save_pretrained(tmp_path)
+    weights = str(tmp_path / "model.safetensors")
+
+    def mapped() -> bool:
+        return any(line.rstrip().endswith(weights) for line in Path("/proc/self/maps").read_text().splitlines())
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert mapped()  # zero-copy load: this test would prove nothing otherwise
+    runner = ModelRunner(loaded, num_blocks=8, block_size=4, device=torch.device("cpu"))
+    assert runner.lean is not None and not mapped()
+    for step in mixed_batch(runner, int(bf16_model.config.vocab_size)):
+        assert torch.isfinite(runner.execute(step)).all()  # and runs on its own copies
