@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 
 from loadtests.bench_server import tokenmill
+from loadtests.comparison import PrefixReuse
 
 REPO = Path(__file__).resolve().parent.parent
 PARAGRAPH = (
@@ -28,10 +29,10 @@ QUESTIONS = ["Are you open on Sunday?", "How much is a new chain?", "Can I rent 
              "e-bikes?", "Where are you?", "Do you sell helmets?", "How long does a repair take?", "Hi!"]  # fmt: skip
 
 
-def first_token(client: httpx.Client, system: str, question: str) -> tuple[float, int, int]:
+def first_token(client: httpx.Client, system: str, question: str, model: str) -> tuple[float, int, int]:
     """(TTFT in seconds, prompt tokens, cached prompt tokens) of one streamed chat request."""
     body = {
-        "model": "smollm2",
+        "model": model,
         "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
         "max_tokens": 4,
         "temperature": 0,
@@ -54,24 +55,30 @@ def first_token(client: httpx.Client, system: str, question: str) -> tuple[float
     return ttft, prompt, cached
 
 
+def measure(url: str, model: str = "smollm2", requests: int = 8) -> PrefixReuse:
+    """Misses (a new system prompt each) one at a time, then hits (the shared one, cached by a first request)."""
+    shared = PARAGRAPH * 22
+    with httpx.Client(base_url=url, timeout=300) as client:
+        first_token(client, "warm-up " + shared, "hi", model)  # the first request pays one-off costs
+        misses = [first_token(client, f"{uuid.uuid4().hex} {shared}", q, model) for q in QUESTIONS[:requests]]
+        first_token(client, shared, "hello", model)  # puts the shared system prompt in the cache
+        hits = [first_token(client, shared, q, model) for q in QUESTIONS[:requests]]
+    return PrefixReuse(
+        miss_ttft=statistics.median(t for t, _, _ in misses),
+        hit_ttft=statistics.median(t for t, _, _ in hits),
+        prompt_tokens=int(statistics.median(p for _, p, _ in hits)),
+        miss_cached=[c for _, _, c in misses],
+        hit_cached=[c for _, _, c in hits],
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--port", type=int, default=8330)
     args = parser.parse_args()
     with tokenmill(args.port, "--kv-cache-memory", "256MiB") as (url, _):
-        shared = PARAGRAPH * 22
-        with httpx.Client(base_url=url, timeout=300) as client:
-            first_token(client, "warm-up " + shared, "hi")  # the first request pays one-off costs
-            misses = [first_token(client, f"{uuid.uuid4().hex} {shared}", q) for q in QUESTIONS[: args.requests]]
-            first_token(client, shared, "hello")  # puts the shared system prompt in the cache
-            hits = [first_token(client, shared, q) for q in QUESTIONS[: args.requests]]
-        miss = statistics.median(t for t, _, _ in misses)
-        hit = statistics.median(t for t, _, _ in hits)
-        print(f"prompt tokens: {statistics.median(p for _, p, _ in hits):.0f} (system prompt shared by the hits)")
-        print(f"miss: TTFT median {miss * 1000:.0f} ms, cached tokens {[c for _, _, c in misses]}")
-        print(f"hit:  TTFT median {hit * 1000:.0f} ms, cached tokens {[c for _, _, c in hits]}")
-        print(f"hit / miss: {hit / miss:.3f} (target <= 0.2)")
+        print("\n".join(measure(url, requests=args.requests).lines()))
     return 0
 
 

