@@ -30,7 +30,8 @@ def mixed_batch(runner: ModelRunner, vocab: int) -> list[list[BatchItem]]:
     return [first, second]
 
 
-def test_lean_logits_equal_the_hf_modules(model: PreTrainedModel) -> None:
+def assert_lean_equals_hf(model: PreTrainedModel) -> ModelRunner:
+    """Logits and cache contents of the lean forward against the HF modules over the mixed batches; the lean runner."""
     lean = ModelRunner(copy.deepcopy(model), num_blocks=8, block_size=4, device=torch.device("cpu"))
     hf = ModelRunner(copy.deepcopy(model), num_blocks=8, block_size=4, device=torch.device("cpu"))
     assert lean.lean is not None
@@ -40,6 +41,11 @@ def test_lean_logits_equal_the_hf_modules(model: PreTrainedModel) -> None:
     for (lean_k, lean_v), (hf_k, hf_v) in zip(lean.kv_caches, hf.kv_caches, strict=True):
         torch.testing.assert_close(lean_k, hf_k, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lean_v, hf_v, rtol=1e-5, atol=1e-5)
+    return lean
+
+
+def test_lean_logits_equal_the_hf_modules(model: PreTrainedModel) -> None:
+    assert_lean_equals_hf(model)
 
 
 def test_fused_weights_stay_the_models_own(model: PreTrainedModel) -> None:
@@ -118,17 +124,10 @@ def wide_heads(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def test_fused_layers_equal_the_hf_modules(wide_heads: PreTrainedModel) -> None:
-    fused = ModelRunner(copy.deepcopy(wide_heads), num_blocks=8, block_size=4, device=torch.device("cpu"))
-    hf = ModelRunner(copy.deepcopy(wide_heads), num_blocks=8, block_size=4, device=torch.device("cpu"))
     if not native.layer_ops_take(torch.float32, torch.device("cpu"), 64, 128, 32):
         pytest.skip("no native kernels here")
+    fused = assert_lean_equals_hf(wide_heads)
     assert fused.lean is not None and fused.lean.fused
-    hf.lean = None
-    for step in mixed_batch(fused, int(wide_heads.config.vocab_size)):
-        torch.testing.assert_close(fused.execute(step), hf.execute(step), rtol=1e-5, atol=1e-5)
-    for (fused_k, fused_v), (hf_k, hf_v) in zip(fused.kv_caches, hf.kv_caches, strict=True):
-        torch.testing.assert_close(fused_k, hf_k, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(fused_v, hf_v, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_layers_greedy_equals_generate(wide_heads: PreTrainedModel) -> None:
