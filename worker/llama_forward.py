@@ -118,12 +118,12 @@ class LlamaForward:
     def _project(self, linears: list[nn.Linear], bias: torch.Tensor | None = None) -> Projection:
         """One projection for several of the same input; packed (and the HF weights released) where exact, else
         plain, with the HF weights made views of it."""
+        plain = Projection(_concat_into_views(linears) if len(linears) > 1 else linears[0].weight.detach(), bias)
         if not self.pack:
-            return Projection(_concat_into_views(linears) if len(linears) > 1 else linears[0].weight.detach(), bias)
-        fused = torch.cat([linear.weight.detach() for linear in linears])
-        packed = _packed_if_exact(fused, bias)
+            return plain
+        packed = _packed_if_exact(plain.weight, bias)
         if packed is None:
-            return Projection(_concat_into_views(linears) if len(linears) > 1 else linears[0].weight.detach(), bias)
+            return plain
         for linear in linears:
             linear.weight = nn.Parameter(torch.empty(linear.weight.shape, device="meta"), requires_grad=False)
         return Projection(packed, bias, packed=True)
@@ -173,7 +173,9 @@ class LlamaForward:
             k_cache, v_cache = meta.kv_caches[index]
             native.rope_store(qkv, cos, sin, self.heads, self.kv_heads, k_cache, v_cache, meta.slot_mapping)
             q, k, v = qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:]
-            attn = attend(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), index, meta, self.scaling, True)
+            attn = attend(
+                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), index, meta, self.scaling, stored=True
+            )
             normed = native.add_rms_norm(hidden, layer.o(attn.reshape(tokens, -1)), layer.post_norm, self.eps)
             delta = layer.down(native.silu_mul(layer.gate_up(normed)))
         if delta is not None:

@@ -39,7 +39,7 @@ FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC"
 # both share one thread pool. A compiler without OpenMP builds it single-threaded.
 OPENMP = ["-fopenmp"]
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-MAX_HEAD_DIM = 512  # MAX_D in kernels.c
+MAX_HEAD_DIM = 512  # MAX_D in csrc/attention.c
 
 
 def cache_dir() -> Path:
@@ -47,6 +47,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TOKENMILL_CACHE_DIR") or Path.home() / ".cache" / "tokenmill") / "native"
 
 
+@functools.cache
 def _cpu_key() -> str:
     flags = ""
     try:
