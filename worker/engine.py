@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from worker.block_manager import BlockManager
+from worker.gguf_weights import QuantizedRows
 from worker.messages import EngineStats, InvalidRequest, ModelInfo, RequestOutput, SamplingParams, StepOutput
 from worker.model_runner import BatchItem, ModelRunner, kv_bytes_per_token
 from worker.registry import ModelEntry
@@ -59,6 +60,7 @@ class Engine:
         enable_prefix_caching: bool = True,
         seed: int = 0,
         tokenizer_dir: str = "",
+        gguf_blocks: dict[str, QuantizedRows] | None = None,
     ) -> None:
         self.name = name
         self.tokenizer_dir = tokenizer_dir
@@ -70,7 +72,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.block_manager, max_num_seqs, max_num_batched_tokens, max_model_len, self.eos_token_ids
         )
-        self.runner = ModelRunner(model, num_blocks, block_size, device)
+        self.runner = ModelRunner(model, num_blocks, block_size, device, gguf_blocks)
         self.sampler = Sampler(seed)
         self.grammar = GrammarMasks(tokenizer_dir, self.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
@@ -105,6 +107,7 @@ class Engine:
             enable_prefix_caching=entry.enable_prefix_caching,
             seed=entry.seed,
             tokenizer_dir=str(loaded.weights_path),
+            gguf_blocks=loaded.gguf_blocks,
         )
 
     def model_info(self) -> ModelInfo:

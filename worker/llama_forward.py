@@ -18,6 +18,7 @@ Models of other shapes, quantized weights and anything else unusual keep the HF 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from transformers import PreTrainedModel
 
 from worker import native
 from worker.attention import AttentionMetadata, attend
+from worker.gguf_weights import QuantizedRows
 
 SUPPORTED_TYPES = frozenset({"llama", "qwen2", "mistral"})
 
@@ -48,13 +50,49 @@ class Projection:
 
 
 @dataclass
+class BlockProjection:
+    """x @ W.T + b in float32, W a GGUF file's Q4_1 or Q8_0 blocks packed for `native.gguf_linear`."""
+
+    code: int
+    packed: torch.Tensor
+    rows: int
+    cols: int
+    bias: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = native.gguf_linear(self.code, self.packed, self.rows, self.cols, x)
+        return out if self.bias is None else out.add_(self.bias)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of W: an embedding lookup."""
+        return native.gguf_rows(self.code, self.packed, self.rows, self.cols, ids)
+
+    @classmethod
+    def exact(
+        cls, parts: list[QuantizedRows], weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> BlockProjection | None:
+        """The parts' blocks stacked and packed, if they decode to `weight` (the parts' weights stacked) bit for bit."""
+        codes = {part.code for part in parts}
+        rows, cols = weight.shape
+        if len(codes) != 1 or not native.gguf_takes(rows, cols) or any(part.cols != cols for part in parts):
+            return None
+        code = codes.pop()
+        blocks = torch.cat([part.blocks for part in parts]) if len(parts) > 1 else parts[0].blocks
+        found = cls(code, native.gguf_pack(code, blocks, cols), rows, cols, bias)
+        return found if torch.equal(found.lookup(torch.arange(rows)), weight) else None
+
+
+Project = Projection | BlockProjection
+
+
+@dataclass
 class _Layer:
     input_norm: torch.Tensor
-    qkv: Projection  # [(H + 2 Hkv) * D, hidden]
-    o: Projection
+    qkv: Project  # [(H + 2 Hkv) * D, hidden]
+    o: Project
     post_norm: torch.Tensor
-    gate_up: Projection  # [2 * intermediate, hidden]
-    down: Projection
+    gate_up: Project  # [2 * intermediate, hidden]
+    down: Project
 
 
 def supports(model: PreTrainedModel) -> bool:
@@ -80,27 +118,44 @@ def packs(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 class LlamaForward:
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, blocks: dict[str, QuantizedRows] | None = None) -> None:
+        """`blocks`: the model's weights as GGUF blocks (gguf_weights.read), for the projections, the embedding and
+        the head to compute from instead of the float32 copies, which are released. The dict is emptied."""
         config = model.config
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = float(config.rms_norm_eps)
         body = model.model
-        self.embed: nn.Embedding = body.embed_tokens
         self.rotary: nn.Module = body.rotary_emb
         self.final_norm = body.norm.weight
         lm_head = model.get_output_embeddings()  # type: ignore[no-untyped-call]
         assert isinstance(lm_head, nn.Linear)
-        self.lm_head = lm_head
         weight = self.final_norm
         self.pack = packs(weight.dtype, weight.device)
+        self.blocks = blocks if blocks and weight.dtype == torch.float32 and weight.device.type == "cpu" else {}
+        self.names = {id(module): name for name, module in model.named_modules()}
         sizes = (config.hidden_size, config.intermediate_size, self.head_dim)
         self.fused = native.layer_ops_take(weight.dtype, weight.device, *sizes)
-        if self.pack:
-            _copy_out_of_file(model, body.layers)
+        if self.pack or self.blocks:
+            _copy_out_of_file(model, body.layers, set(self.blocks))
         self.layers = [self._fuse(layer) for layer in body.layers[: config.num_hidden_layers]]
         self.scaling = float(body.layers[0].self_attn.scaling)
+        self.lm_head: Callable[[torch.Tensor], torch.Tensor] = self._from_blocks([lm_head], lm_head.bias) or lm_head
+        self.embed = self._embedding(body.embed_tokens)
+        self.blocks.clear()  # the caller's too: every block is packed into new memory by now
+
+    def _embedding(self, embed: nn.Embedding) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Token ids -> hidden rows (a new tensor), from the GGUF blocks where there are some (the head's, if tied)."""
+        weight = embed.weight.detach()
+        if isinstance(self.lm_head, BlockProjection) and weight.device.type == "meta":  # tied: released with the head
+            return self.lm_head.lookup
+        part = self.blocks.get(f"{self.names[id(embed)]}.weight")
+        found = BlockProjection.exact([part], weight, None) if part is not None else None
+        if found is None:
+            return embed
+        embed.weight = nn.Parameter(torch.empty(weight.shape, device="meta"), requires_grad=False)
+        return found.lookup
 
     def _fuse(self, layer: Any) -> _Layer:  # an HF decoder layer: attribute access is all it offers to types
         attn, mlp = layer.self_attn, layer.mlp
@@ -115,18 +170,32 @@ class LlamaForward:
             down=self._project([mlp.down_proj]),
         )
 
-    def _project(self, linears: list[nn.Linear], bias: torch.Tensor | None = None) -> Projection:
-        """One projection for several of the same input; packed (and the HF weights released) where exact, else
-        plain, with the HF weights made views of it."""
+    def _project(self, linears: list[nn.Linear], bias: torch.Tensor | None = None) -> Project:
+        """One projection for several of the same input: from GGUF blocks or packed (and the HF weights released)
+        where exact, else plain, with the HF weights made views of it."""
+        found = self._from_blocks(linears, bias)
+        if found is not None:
+            return found
         plain = Projection(_concat_into_views(linears) if len(linears) > 1 else linears[0].weight.detach(), bias)
         if not self.pack:
             return plain
         packed = _packed_if_exact(plain.weight, bias)
         if packed is None:
             return plain
-        for linear in linears:
-            linear.weight = nn.Parameter(torch.empty(linear.weight.shape, device="meta"), requires_grad=False)
+        _release(linears)
         return Projection(packed, bias, packed=True)
+
+    def _from_blocks(self, linears: list[nn.Linear], bias: torch.Tensor | None) -> BlockProjection | None:
+        """The linears stacked, computed from their GGUF blocks (and the HF weights released), where they have
+        blocks that decode to their weights exactly."""
+        parts = [self.blocks.get(f"{self.names[id(linear)]}.weight") for linear in linears]
+        if not self.blocks or any(part is None for part in parts):
+            return None
+        weight = torch.cat([linear.weight.detach() for linear in linears])
+        found = BlockProjection.exact([part for part in parts if part is not None], weight, bias)
+        if found is not None:
+            _release(linears)
+        return found
 
     @torch.inference_mode()
     def __call__(
@@ -190,20 +259,26 @@ class LlamaForward:
         return weight * wide.to(x.dtype)
 
 
+def _release(linears: list[nn.Linear]) -> None:
+    """The HF copies of weights the forward now holds in another form: the process keeps one."""
+    for linear in linears:
+        linear.weight = nn.Parameter(torch.empty(linear.weight.shape, device="meta"), requires_grad=False)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return (x * cos) + (rotated * sin)
 
 
-def _copy_out_of_file(model: PreTrainedModel, layers: nn.ModuleList) -> None:
+def _copy_out_of_file(model: PreTrainedModel, layers: nn.ModuleList, replaced: set[str]) -> None:
     """Weights loaded from safetensors in their stored dtype are views of the file's mapping, and every page read
-    stays in the process's RSS while any view holds the mapping. The projections are about to be packed into new
-    memory and released; this copies out the rest (embeddings, norms, biases), so that nothing holds the mapping
-    and it goes: 270 MiB less RSS for SmolLM2 in bfloat16."""
+    stays in the process's RSS while any view holds the mapping. The projections (and the parameters named in
+    `replaced`) are about to be rebuilt in new memory and released; this copies out the rest (embeddings, norms,
+    biases), so that nothing holds the mapping and it goes: 270 MiB less RSS for SmolLM2 in bfloat16."""
     projections = {id(m.weight) for m in layers.modules() if isinstance(m, nn.Linear)}
-    for param in model.parameters():
-        if id(param) not in projections:
+    for name, param in model.named_parameters():
+        if id(param) not in projections and name not in replaced:
             param.data = param.data.clone()
 
 

@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from worker import lora, quantization
+from worker import gguf_weights, lora, native, quantization
 from worker.registry import ModelEntry
 
 logger = logging.getLogger("tokenmill.loader")
@@ -57,6 +57,7 @@ class LoadedModel:
     eos_token_ids: list[int]
     weights_path: Path
     converted: bool
+    gguf_blocks: dict[str, gguf_weights.QuantizedRows] = field(default_factory=dict)  # quantization: gguf
 
 
 def default_cache_dir() -> Path:
@@ -114,8 +115,9 @@ def _cpu_has_fast_bf16() -> bool:
 def load_model(entry: ModelEntry, cache_dir: Path | None = None) -> LoadedModel:
     start = time.perf_counter()
     device = resolve_device(entry.device)
-    dtype = resolve_dtype(entry.dtype, device)
+    dtype = torch.float32 if entry.quantization == "gguf" else resolve_dtype(entry.dtype, device)
     source, local = _locate(entry)
+    gguf_file = local if local is not None and local.suffix == ".gguf" else None
     converted, how = False, "hub" if local is None else "local directory"
     if local is not None and local.suffix == ".gguf":
         # Stored in the dtype served when nothing else is applied on top: loading float32 weights to cast them held
@@ -149,10 +151,14 @@ def load_model(entry: ModelEntry, cache_dir: Path | None = None) -> LoadedModel:
             trust_remote_code=remote,
             **quantization.from_pretrained_kwargs(entry, dtype, device),
         )
-        if entry.quantization != "none":
+        if entry.quantization not in ("none", "gguf"):
             how = f"{how}, {entry.quantization} (bitsandbytes)"
-    if entry.quantization == "none":
+    if entry.quantization in ("none", "gguf"):
         model.to(device)
+    blocks: dict[str, gguf_weights.QuantizedRows] = {}
+    if entry.quantization == "gguf" and gguf_file is not None:
+        blocks = _gguf_blocks(gguf_file, model, device)
+        how = f"{how}, {len(blocks)} weights as the file's blocks"
     model.eval()
     model.requires_grad_(False)
 
@@ -169,10 +175,18 @@ def load_model(entry: ModelEntry, cache_dir: Path | None = None) -> LoadedModel:
         eos_token_ids=_eos_token_ids(model, tokenizer),
         weights_path=weights_path,
         converted=converted,
+        gguf_blocks=blocks,
     )
     elapsed = time.perf_counter() - start
     logger.info("model '%s': %s from %s on %s as %s in %.2fs", entry.name, how, weights_path, device, dtype, elapsed)
     return loaded
+
+
+def _gguf_blocks(path: Path, model: PreTrainedModel, device: torch.device) -> dict[str, gguf_weights.QuantizedRows]:
+    if device.type != "cpu" or not native.gguf_takes(16, 32):
+        logger.warning("quantization: gguf runs on a CPU with the native kernels; serving float32 weights instead")
+        return {}
+    return gguf_weights.read(path, model)
 
 
 def _locate(entry: ModelEntry) -> tuple[str, Path | None]:

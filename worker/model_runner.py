@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 
 from worker import attention, llama_forward, native
 from worker.attention import AttentionMetadata, DecodeBatch, PrefillSpan
+from worker.gguf_weights import QuantizedRows
 
 
 @dataclass
@@ -32,7 +33,14 @@ def kv_bytes_per_token(model: PreTrainedModel, dtype: torch.dtype) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, num_blocks: int, block_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        gguf_blocks: dict[str, QuantizedRows] | None = None,
+    ) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -45,7 +53,7 @@ class ModelRunner:
         pool = _zeroed_pool((layers, 2, *shape), self.dtype, device)
         self.kv_caches = [(pool[layer, 0], pool[layer, 1]) for layer in range(layers)]
         model.set_attn_implementation(attention.register())
-        self.lean = llama_forward.LlamaForward(model) if llama_forward.supports(model) else None
+        self.lean = llama_forward.LlamaForward(model, gguf_blocks) if llama_forward.supports(model) else None
         heads = model.config.get_text_config().num_attention_heads
         self.native_decode = native.decode_attention_takes(self.dtype, device, heads, kv_heads, head_dim)
 

@@ -8,6 +8,9 @@ time (SmolLM2's shapes, bfloat16, one thread).
 `add_rms_norm`, `rope_store` and `silu_mul` do the elementwise parts of a Llama layer in one pass each: at batch 1
 the forward ran about 25 small torch ops a layer for them, each a few microseconds of dispatch.
 
+`gguf_linear` multiplies by weights kept as a GGUF file's Q4_1 or Q8_0 blocks, decoded in registers to the
+float32 weights transformers would load (see gguf_weights.py): a third of bfloat16's bytes to read a step.
+
 `argmax` finds the greedy token of each row in a tenth of the time torch's CPU argmax takes.
 
 The shared library is compiled for this CPU (`-march=native`) into the cache directory, keyed by the source, the
@@ -136,6 +139,14 @@ def library() -> ctypes.CDLL | None:
     lib.rope_store.argtypes += [ptr, ptr, i64, ptr]
     lib.silu_mul.restype = None
     lib.silu_mul.argtypes = [ctypes.c_int, ptr, ptr, i64, i64]
+    lib.gguf_packed_size.restype = i64
+    lib.gguf_packed_size.argtypes = [ctypes.c_int, i64, i64]
+    lib.gguf_pack.restype = None
+    lib.gguf_pack.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
+    lib.gguf_linear.restype = None
+    lib.gguf_linear.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, i64]
+    lib.gguf_rows.restype = None
+    lib.gguf_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
     lib.argmax_rows.restype = None
     lib.argmax_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     return lib
@@ -151,6 +162,42 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
         return x.argmax(dim=-1)
     out = torch.empty(x.shape[0], dtype=torch.long)
     lib.argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr())
+    return out
+
+
+def gguf_takes(rows: int, cols: int) -> bool:
+    """Whether the GGUF block kernels run for a weight [rows, cols]."""
+    return rows % 16 == 0 and cols % 32 == 0 and library() is not None
+
+
+def gguf_pack(code: int, blocks: torch.Tensor, cols: int) -> torch.Tensor:
+    """GGUF blocks uint8 [rows, cols / 32 * block bytes], row by row, reordered for `gguf_linear`."""
+    lib = library()
+    assert lib is not None
+    blocks = blocks.contiguous()
+    out = torch.empty(lib.gguf_packed_size(code, blocks.shape[0], cols), dtype=torch.uint8)
+    lib.gguf_pack(code, blocks.data_ptr(), blocks.shape[0], cols, out.data_ptr())
+    return out
+
+
+def gguf_linear(code: int, packed: torch.Tensor, rows: int, cols: int, x: torch.Tensor) -> torch.Tensor:
+    """x [T, cols] float32 (unit column stride) @ W.T -> [T, rows], W the packed blocks' float32 weights."""
+    lib = library()
+    assert lib is not None and x.dtype == torch.float32 and x.dim() == 2
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty(x.shape[0], rows)
+    lib.gguf_linear(code, packed.data_ptr(), rows, cols, x.data_ptr(), x.stride(0), x.shape[0], out.data_ptr(), rows)
+    return out
+
+
+def gguf_rows(code: int, packed: torch.Tensor, rows: int, cols: int, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` (int64, each < rows) of the packed weight, decoded to float32 [len(ids), cols]."""
+    lib = library()
+    assert lib is not None
+    ids = ids.to(torch.long).contiguous()
+    out = torch.empty(ids.shape[0], cols)
+    lib.gguf_rows(code, packed.data_ptr(), rows, cols, ids.data_ptr(), ids.shape[0], out.data_ptr())
     return out
 
 

@@ -17,7 +17,7 @@ from worker.registry import ModelEntry
 
 def from_pretrained_kwargs(entry: ModelEntry, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
     """Extra `from_pretrained` arguments that quantize the weights as they load; none for `quantization: none`."""
-    if entry.quantization == "none":
+    if entry.quantization in ("none", "gguf"):  # gguf: loaded as float32, see gguf_weights
         return {}
     from transformers import BitsAndBytesConfig
 

@@ -82,7 +82,8 @@ class ModelEntry(BaseModel):
     source: str = Field(min_length=1)
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantization: Literal["none", "int8", "nf4", "fp4"] = "none"  # bitsandbytes, applied after any LoRA merge
+    # int8, nf4, fp4: bitsandbytes, applied after any LoRA merge; gguf: a GGUF source's own Q4_1/Q8_0 blocks
+    quantization: Literal["none", "int8", "nf4", "fp4", "gguf"] = "none"
     lora: LoraSpec | None = None
     tool_parser: Literal["auto", "hermes", "llama3_json", "mistral", "none"] = "auto"  # auto: from the template
     aliases: list[str] = Field(default_factory=list)  # other names clients may send
@@ -124,6 +125,14 @@ class ModelEntry(BaseModel):
     def _quantization_needs_weights(self) -> ModelEntry:
         if self.quantization != "none" and self.load_format == "dummy":
             raise ValueError("quantization needs real weights; use load_format: auto, or quantization: none")
+        if self.quantization == "gguf":
+            if not self.source.endswith(".gguf"):
+                raise ValueError("quantization: gguf computes with a GGUF file's blocks; the source must be a .gguf")
+            if self.lora is not None or self.dtype not in ("auto", "float32"):
+                raise ValueError(
+                    "quantization: gguf computes in float32 with the file's weights as they are: no lora, "
+                    "and dtype auto or float32"
+                )
         if self.keep_alive is not None and self.load != "lazy":
             raise ValueError("keep_alive applies to lazy models only; set load: lazy, or remove keep_alive")
         return self
@@ -131,7 +140,7 @@ class ModelEntry(BaseModel):
     @field_validator("quantization")
     @classmethod
     def _quantization_runs_here(cls, value: str) -> str:
-        if value != "none" and not installed("bitsandbytes"):
+        if value not in ("none", "gguf") and not installed("bitsandbytes"):
             raise ValueError(
                 f"quantization '{value}' needs bitsandbytes, which is not installed; "
                 "pip install 'tokenmill[quant]', or set quantization: none"

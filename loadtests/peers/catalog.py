@@ -10,23 +10,40 @@ from pathlib import Path
 from loadtests.peers import cache_dir, llama_cpp, transformers_serve, vllm_cpu
 from loadtests.peers.server import Peer, Server
 
+GGUF_BLOCKS = Path(__file__).with_name("gguf-blocks.yaml")
+
 
 def tokenmill(port: int) -> list[Server]:
-    """The defaults (one worker thread on 2 cores), and two threads bound to the cores as vLLM's best runs: faster on
-    a quiet machine, but spinning OpenMP threads collapse when another process wants a core."""
+    """The defaults (one worker thread on 2 cores), two threads bound to the cores as vLLM's best runs (faster on a
+    quiet machine, but spinning OpenMP threads collapse when another process wants a core), and both again computing
+    from the GGUF file's own blocks (`quantization: gguf`)."""
     command = [sys.executable, "-m", "app.cli", "serve", "--port"]
-    weights = "Q4_1 GGUF dequantized, bf16"
-    return [
-        Server(name="tokenmill", weights=weights, command=[*command, str(port)], port=port, ready_path="/ready"),
-        Server(
-            name="tokenmill-2threads",
-            weights=f"{weights}, 2 threads bound",
-            command=[*command, str(port + 1), "--threads", "2"],
-            port=port + 1,
-            env={"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"},
-            ready_path="/ready",
-        ),
-    ]
+    bound = {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
+    servers = []
+    for offset, (name, weights, extra, env) in enumerate(
+        [
+            ("tokenmill", "Q4_1 GGUF dequantized, bf16", [], {}),
+            ("tokenmill-2threads", "Q4_1 GGUF dequantized, bf16, 2 threads bound", ["--threads", "2"], bound),
+            ("tokenmill-gguf", "Q4_1 GGUF blocks, fp32", ["--models", str(GGUF_BLOCKS)], {}),
+            (
+                "tokenmill-gguf-2threads",
+                "Q4_1 GGUF blocks, fp32, 2 threads bound",
+                ["--models", str(GGUF_BLOCKS), "--threads", "2"],
+                bound,
+            ),
+        ]
+    ):
+        servers.append(
+            Server(
+                name=name,
+                weights=weights,
+                command=[*command, str(port + offset), *extra],
+                port=port + offset,
+                env=env,
+                ready_path="/ready",
+            )
+        )
+    return servers
 
 
 def _naive_servers(cache: Path, port: int) -> list[Server]:

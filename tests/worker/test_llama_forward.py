@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 from tests.worker.engine_harness import make_engine, random_prompts, reference, run_all
 from worker import llama_forward, native
+from worker.llama_forward import Projection
 from worker.messages import SamplingParams
 from worker.model_runner import BatchItem, ModelRunner
 
@@ -54,6 +55,7 @@ def test_fused_weights_stay_the_models_own(model: PreTrainedModel) -> None:
     assert runner.lean is not None
     layer = runner.model.model.layers[0]  # type: ignore[attr-defined]
     fused = runner.lean.layers[0]
+    assert isinstance(fused.qkv, Projection) and isinstance(fused.gate_up, Projection)
     assert layer.self_attn.q_proj.weight.untyped_storage().data_ptr() == fused.qkv.weight.untyped_storage().data_ptr()
     assert layer.mlp.up_proj.weight.untyped_storage().data_ptr() == fused.gate_up.weight.untyped_storage().data_ptr()
 

@@ -210,3 +210,63 @@ def test_silu_mul_is_hfs_gated_activation(dtype: torch.dtype) -> None:
     else:
         apart = ulps_apart(got, want)
         assert int(apart.max()) <= 1 and float((apart > 0).float().mean()) < 0.01
+
+
+def random_blocks(kind: str, rows: int, cols: int, seed: int) -> torch.Tensor:
+    """GGUF blocks uint8 [rows, cols / 32 * block bytes] of random quants and scales as a real file holds them."""
+    gen = torch.Generator().manual_seed(seed)
+    count = rows * cols // 32
+    scale = (torch.rand(count, 1, generator=gen) * 0.05 + 1e-3).half()
+    if kind == "Q4_1":
+        low = (-8 * scale.float() * torch.rand(count, 1, generator=gen)).half()
+        quants = torch.randint(0, 256, (count, 16), dtype=torch.uint8, generator=gen)
+        parts = [scale.view(torch.uint8), low.view(torch.uint8), quants]
+    else:
+        quants = torch.randint(-128, 128, (count, 32), dtype=torch.int8, generator=gen)
+        parts = [scale.view(torch.uint8), quants.view(torch.uint8)]
+    return torch.cat(parts, dim=1).reshape(rows, -1)
+
+
+def gguf_decoded(kind: str, blocks: torch.Tensor, cols: int) -> torch.Tensor:
+    """gguf-py's own dequantization: the float32 weights transformers loads from these blocks."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    weights = dequantize(blocks.numpy(), GGMLQuantizationType[kind])
+    return torch.from_numpy(weights.reshape(blocks.shape[0], cols))
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize(("rows", "cols"), [(16, 32), (80, 96), (192, 576)])
+def test_gguf_blocks_decode_to_gguf_weights_and_multiply_as_float32(kind: str, rows: int, cols: int) -> None:
+    """80 rows: five groups of 16, one past a full tile of four; products at 1 to 13 rows cross the row tiles."""
+    blocks = random_blocks(kind, rows, cols, seed=rows + cols)
+    code = {"Q4_1": 2, "Q8_0": 8}[kind]
+    packed = native.gguf_pack(code, blocks, cols)
+    weight = gguf_decoded(kind, blocks, cols)
+    assert torch.equal(native.gguf_rows(code, packed, rows, cols, torch.arange(rows)), weight)
+    ids = torch.tensor([rows - 1, 0, rows // 2, 0])
+    assert torch.equal(native.gguf_rows(code, packed, rows, cols, ids), weight[ids])
+    gen = torch.Generator().manual_seed(1)
+    for count in (1, 2, 5, 6, 7, 13, 70):
+        x = torch.randn(count, cols + 8, generator=gen)[:, 3 : 3 + cols]  # strided rows, as slices of wider tensors
+        got = native.gguf_linear(code, packed, rows, cols, x)
+        want = x.double() @ weight.double().T
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * cols**0.5)
+
+
+def test_gguf_linear_rows_do_not_depend_on_their_batch() -> None:
+    """Each output is one chain of multiply-adds in column order: the same bits alone, in a batch of 70 (two row
+    chunks), on one thread or two."""
+    blocks, cols = random_blocks("Q4_1", 64, 128, seed=3), 128
+    packed = native.gguf_pack(2, blocks, cols)
+    x = torch.randn(70, cols, generator=torch.Generator().manual_seed(2))
+    batched = native.gguf_linear(2, packed, 64, cols, x)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            for row in (0, 5, 63, 64, 69):
+                assert torch.equal(native.gguf_linear(2, packed, 64, cols, x[row : row + 1])[0], batched[row])
+    finally:
+        torch.set_num_threads(threads)

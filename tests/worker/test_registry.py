@@ -74,6 +74,29 @@ def test_quantization_of_dummy_weights(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"source": "/models/llama"}, "the source must be a .gguf"),
+        ({"source": "/m.gguf", "dtype": "bfloat16"}, "dtype auto or float32"),
+        ({"source": "/m.gguf", "lora": {"adapter": "/a"}}, "no lora"),
+    ],
+)
+def test_gguf_blocks_need_a_gguf_source_in_float32(tmp_path: Path, fields: dict[str, Any], words: str) -> None:
+    if "lora" in fields:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "a" / "adapter_config.json").write_text("{}")
+        fields = {**fields, "lora": {"adapter": str(tmp_path / "a")}}
+    message = error_of(write(tmp_path, [{"name": "g", "quantization": "gguf", **fields}]))
+    assert "models[0] ('g')" in message and words in message
+
+
+def test_gguf_blocks_need_no_optional_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    path = write(tmp_path, [{"name": "g", "source": "/m.gguf", "quantization": "gguf"}])
+    assert load_registry(path).models[0].quantization == "gguf"
+
+
+@pytest.mark.parametrize(
     ("package", "field", "extra"), [("bitsandbytes", "quantization", "quant"), ("peft", "lora", "lora")]
 )
 def test_a_missing_optional_package_is_named(
