@@ -112,7 +112,7 @@ int decode_attention(int dtype, const void *q, int64_t q_row, int64_t q_head, co
     {
         float *scores = malloc(sizeof(float) * (size_t)(G * longest));
         float *work = malloc(sizeof(float) * (size_t)(2 * G * D));
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (int pair = 0; pair < B * Hkv; pair++) {
             int b = pair / Hkv, h = pair % Hkv;
             if (scores == NULL || work == NULL) {

@@ -57,80 +57,128 @@ void gguf_pack(int type, const uint8_t *rows, int64_t n, int64_t k, uint8_t *out
     }
 }
 
-/* The 32 columns of one packed block as float32 weights of the group's 16 rows. */
-INLINE void dequantize_block(int type, const uint8_t *block, __m512 *w) {
-    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)block));
+/* The 32 columns of one packed block as the group's quants (integers, as floats): q, lane r for row r. */
+INLINE void quants_of_block(int type, const uint8_t *block, __m512 *q) {
     if (type == Q4_1) {
-        __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(block + 2 * GROUP)));
-        const uint8_t *q = block + 4 * GROUP;
+        const uint8_t *nibbles = block + 4 * GROUP;
         const __m128i low = _mm_set1_epi8(0x0f);
         for (int c = 0; c < BLOCK; c += 2) {
-            __m128i both = _mm_loadu_si128((const __m128i *)(q + c / 2 * GROUP));
+            __m128i both = _mm_loadu_si128((const __m128i *)(nibbles + c / 2 * GROUP));
             __m128i even = _mm_and_si128(both, low), odd = _mm_and_si128(_mm_srli_epi16(both, 4), low);
-            __m512 qe = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(even)), qo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(odd));
-            w[c] = _mm512_add_ps(_mm512_mul_ps(d, qe), m);
-            w[c + 1] = _mm512_add_ps(_mm512_mul_ps(d, qo), m);
+            q[c] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(even));
+            q[c + 1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(odd));
         }
     } else {
-        const int8_t *q = (const int8_t *)(block + 2 * GROUP);
-        for (int c = 0; c < BLOCK; c++) {
-            __m128i raw = _mm_loadu_si128((const __m128i *)(q + c * GROUP));
-            w[c] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)));
-        }
+        const int8_t *bytes = (const int8_t *)(block + 2 * GROUP);
+        for (int c = 0; c < BLOCK; c++)
+            q[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(bytes + c * GROUP))));
     }
 }
 
-/* Rows of x (T of them) times one block of GT groups dequantized into w [GT][BLOCK], added to their running sums
- * [T][GT]: a column of weights loaded once serves T rows, a broadcast of x serves GT groups. */
+INLINE __m512 scales_of_block(const uint8_t *block) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)block)); }
+
+INLINE __m512 offsets_of_block(const uint8_t *block) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(block + 2 * GROUP)));
+}
+
+/* The block's float32 weights exactly as gguf decodes them: d * q (+ m), each step rounded. */
+INLINE void dequantize_block(int type, const uint8_t *block, __m512 *w) {
+    quants_of_block(type, block, w);
+    __m512 d = scales_of_block(block);
+    for (int c = 0; c < BLOCK; c++) {
+        w[c] = _mm512_mul_ps(d, w[c]);
+        if (type == Q4_1) w[c] = _mm512_add_ps(w[c], offsets_of_block(block));
+    }
+}
+
+/* T rows of x through one block of GT groups: the block's dot products with the quants q [GT][BLOCK], then into the
+ * running sums [T][G_TILE] scaled by the groups' d, plus (Q4_1) m times the rows' sums of x over the block
+ * (xsum[t * xsum_stride]):  sum_j x_j (d q_j + m) = d sum_j x_j q_j + m sum_j x_j. A column of quants loaded once
+ * serves T rows, a broadcast of x serves GT groups. */
 #define MICRO(T, GT)                                                                                              \
-    static void micro_##T##_##GT(const __m512 *w, const float *x, int64_t x_stride, __m512 *sums) {               \
-        __m512 s[T][GT];                                                                                          \
+    static void micro_##T##_##GT(const __m512 *q, const __m512 *d, const __m512 *m, const float *x,               \
+                                 int64_t x_stride, const float *xsum, int64_t xsum_stride, __m512 *sums) {        \
+        __m512 dot[T][GT];                                                                                        \
         for (int t = 0; t < T; t++)                                                                               \
-            for (int g = 0; g < GT; g++) s[t][g] = sums[t * G_TILE + g];                                          \
+            for (int g = 0; g < GT; g++) dot[t][g] = _mm512_setzero_ps();                                         \
         for (int c = 0; c < BLOCK; c++) {                                                                         \
             __m512 col[GT];                                                                                       \
-            for (int g = 0; g < GT; g++) col[g] = w[g * BLOCK + c];                                               \
+            for (int g = 0; g < GT; g++) col[g] = q[g * BLOCK + c];                                               \
             for (int t = 0; t < T; t++) {                                                                         \
                 __m512 xs = _mm512_set1_ps(x[t * x_stride + c]);                                                  \
-                for (int g = 0; g < GT; g++) s[t][g] = _mm512_fmadd_ps(col[g], xs, s[t][g]);                      \
+                for (int g = 0; g < GT; g++) dot[t][g] = _mm512_fmadd_ps(col[g], xs, dot[t][g]);                  \
             }                                                                                                     \
         }                                                                                                         \
         for (int t = 0; t < T; t++)                                                                               \
-            for (int g = 0; g < GT; g++) sums[t * G_TILE + g] = s[t][g];                                          \
+            for (int g = 0; g < GT; g++) {                                                                        \
+                __m512 s = _mm512_fmadd_ps(d[g], dot[t][g], sums[t * G_TILE + g]);                                \
+                if (m != NULL) s = _mm512_fmadd_ps(m[g], _mm512_set1_ps(xsum[t * xsum_stride]), s);               \
+                sums[t * G_TILE + g] = s;                                                                         \
+            }                                                                                                     \
     }
-MICRO(M_TILE, G_TILE)
 MICRO(1, G_TILE)
-MICRO(M_TILE, 1)
+MICRO(2, G_TILE)
+MICRO(3, G_TILE)
+MICRO(4, G_TILE)
+MICRO(5, G_TILE)
+MICRO(6, G_TILE)
 MICRO(1, 1)
+MICRO(2, 1)
+MICRO(3, 1)
+MICRO(4, 1)
+MICRO(5, 1)
+MICRO(6, 1)
 
-/* y[i, n] = sum_j x[i, j] W[n, j] for i < m: x [m, k] (row stride x_stride), y [m, n] (row stride y_stride). Each
- * output is one chain of fused multiply-adds over j in order, whatever m, the tiling and the threads. */
+typedef void (*micro_fn)(const __m512 *, const __m512 *, const __m512 *, const float *, int64_t, const float *, int64_t,
+                         __m512 *);
+static const micro_fn FULL[M_TILE + 1] = {0, micro_1_G_TILE, micro_2_G_TILE, micro_3_G_TILE, micro_4_G_TILE,
+                                          micro_5_G_TILE, micro_6_G_TILE};
+static const micro_fn SINGLE[M_TILE + 1] = {0, micro_1_1, micro_2_1, micro_3_1, micro_4_1, micro_5_1, micro_6_1};
+
+/* y[i, n] = sum_j x[i, j] W[n, j] for i < m: x [m, k] (row stride x_stride), y [m, n] (row stride y_stride). Every
+ * output is summed in one order whatever m, the tiling and the threads: block by block, each block's dot product a
+ * chain of multiply-adds in column order. */
 void gguf_linear(int type, const uint8_t *packed, int64_t n, int64_t k, const float *x, int64_t x_stride, int64_t m,
                  float *y, int64_t y_stride) {
     int64_t blocks = k / BLOCK, block_bytes = packed_block_bytes(type), groups = n / GROUP;
     int64_t tiles = (groups + G_TILE - 1) / G_TILE;
+    float *xsum = NULL; /* Q4_1: [m, blocks] sums of x over each block, each in one fixed order */
+    if (type == Q4_1) {
+        xsum = malloc(sizeof(float) * (size_t)(m * blocks));
+        if (xsum == NULL) abort();
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t b = 0; b < blocks; b++) {
+                const float *xb = x + i * x_stride + b * BLOCK;
+                xsum[i * blocks + b] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(xb), _mm512_loadu_ps(xb + LANES)));
+            }
+    }
     for (int64_t i0 = 0; i0 < m; i0 += M_CHUNK) {
         int64_t rows = m - i0 < M_CHUNK ? m - i0 : M_CHUNK;
-#pragma omp parallel for schedule(static) if (tiles >= 4)
+/* dynamic: a thread the OS preempts (the API process shares the cores) leaves its tiles to the others */
+#pragma omp parallel for schedule(dynamic, 1) if (tiles >= 4)
         for (int64_t tile = 0; tile < tiles; tile++) {
             int64_t g0 = tile * G_TILE;
             int gt = groups - g0 < G_TILE ? (int)(groups - g0) : G_TILE;
-            __m512 sums[M_CHUNK * G_TILE];
-            __m512 w[G_TILE * BLOCK];
+            __m512 sums[M_CHUNK * G_TILE], q[G_TILE * BLOCK], d[G_TILE], offsets[G_TILE];
             for (int64_t i = 0; i < rows * G_TILE; i++) sums[i] = _mm512_setzero_ps();
             for (int64_t b = 0; b < blocks; b++) {
-                for (int g = 0; g < gt; g++)
-                    dequantize_block(type, packed + ((g0 + g) * blocks + b) * block_bytes, w + g * BLOCK);
-                const float *xb = x + i0 * x_stride + b * BLOCK;
-                int64_t i = 0;
-                if (gt == G_TILE) {
-                    for (; i + M_TILE <= rows; i += M_TILE) micro_M_TILE_G_TILE(w, xb + i * x_stride, x_stride, sums + i * G_TILE);
-                    for (; i < rows; i++) micro_1_G_TILE(w, xb + i * x_stride, x_stride, sums + i * G_TILE);
-                } else {
-                    for (int g = 0; g < gt; g++) {
-                        /* a partial tile: one group at a time, its sums at stride G_TILE as in a full tile */
-                        for (i = 0; i + M_TILE <= rows; i += M_TILE) micro_M_TILE_1(w + g * BLOCK, xb + i * x_stride, x_stride, sums + i * G_TILE + g);
-                        for (; i < rows; i++) micro_1_1(w + g * BLOCK, xb + i * x_stride, x_stride, sums + i * G_TILE + g);
+                for (int g = 0; g < gt; g++) {
+                    const uint8_t *block = packed + ((g0 + g) * blocks + b) * block_bytes;
+                    quants_of_block(type, block, q + g * BLOCK);
+                    d[g] = scales_of_block(block);
+                    if (type == Q4_1) offsets[g] = offsets_of_block(block);
+                }
+                const __m512 *mv = type == Q4_1 ? offsets : NULL;
+                const float *xs = xsum != NULL ? xsum + i0 * blocks + b : NULL;
+                for (int64_t i = 0; i < rows; i += M_TILE) {
+                    int64_t t = rows - i < M_TILE ? rows - i : M_TILE;
+                    const float *xt = x + (i0 + i) * x_stride + b * BLOCK;
+                    const float *st = xs != NULL ? xs + i * blocks : NULL;
+                    if (gt == G_TILE) {
+                        FULL[t](q, d, mv, xt, x_stride, st, blocks, sums + i * G_TILE);
+                    } else { /* a partial tile: group by group, sums at stride G_TILE as in a full one */
+                        for (int g = 0; g < gt; g++)
+                            SINGLE[t](q + g * BLOCK, d + g, mv ? mv + g : NULL, xt, x_stride, st, blocks, sums + i * G_TILE + g);
                     }
                 }
             }
@@ -138,6 +186,7 @@ void gguf_linear(int type, const uint8_t *packed, int64_t n, int64_t k, const fl
                 for (int g = 0; g < gt; g++) _mm512_storeu_ps(y + (i0 + i) * y_stride + (g0 + g) * GROUP, sums[i * G_TILE + g]);
         }
     }
+    free(xsum);
 }
 
 /* out[i, :] = row ids[i] of W in float32 (an embedding lookup, or the whole weight to check it) */

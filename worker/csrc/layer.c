@@ -5,7 +5,7 @@
  */
 #include "common.h"
 
-#define PARALLEL_ROWS 8 /* fewer rows than this run on the calling thread: a parallel region costs more */
+#define PARALLEL_ROWS 32 /* fewer rows than this run on the calling thread: a parallel region costs more */
 
 /* hidden += delta (when delta is given), then normed = weight * dtype(x * rsqrt(mean(x^2) + eps)), as HF's
  * LlamaRMSNorm computes it in float32 from the rounded sum. */
