@@ -15,8 +15,8 @@ GGUF_BLOCKS = Path(__file__).with_name("gguf-blocks.yaml")
 
 def tokenmill(port: int) -> list[Server]:
     """The defaults (one worker thread on 2 cores), two threads bound to the cores as vLLM's best runs (faster on a
-    quiet machine, but spinning OpenMP threads collapse when another process wants a core), and both again computing
-    from the GGUF file's own blocks (`quantization: gguf`)."""
+    quiet machine, but spinning OpenMP threads collapse when another process wants a core), and two threads computing
+    from the GGUF file's own blocks in float32 (`quantization: gguf`)."""
     command = [sys.executable, "-m", "app.cli", "serve", "--port"]
     bound = {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
     servers = []
@@ -24,7 +24,6 @@ def tokenmill(port: int) -> list[Server]:
         [
             ("tokenmill", "Q4_1 GGUF dequantized, bf16", [], {}),
             ("tokenmill-2threads", "Q4_1 GGUF dequantized, bf16, 2 threads bound", ["--threads", "2"], bound),
-            ("tokenmill-gguf", "Q4_1 GGUF blocks, fp32", ["--models", str(GGUF_BLOCKS)], {}),
             (
                 "tokenmill-gguf-2threads",
                 "Q4_1 GGUF blocks, fp32, 2 threads bound",

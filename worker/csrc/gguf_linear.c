@@ -170,8 +170,10 @@ void gguf_linear(int type, const uint8_t *packed, int64_t n, int64_t k, const fl
                 }
                 const __m512 *mv = type == Q4_1 ? offsets : NULL;
                 const float *xs = xsum != NULL ? xsum + i0 * blocks + b : NULL;
-                for (int64_t i = 0; i < rows; i += M_TILE) {
-                    int64_t t = rows - i < M_TILE ? rows - i : M_TILE;
+                /* rows in tiles as even as they go (32: 6 6 5 5 5 5, not 6 6 6 6 6 2: a short tile waits on its chains) */
+                int64_t tiles_of_rows = (rows + M_TILE - 1) / M_TILE;
+                for (int64_t i = 0, r = 0; r < tiles_of_rows; i += rows / tiles_of_rows + (r < rows % tiles_of_rows), r++) {
+                    int64_t t = rows / tiles_of_rows + (r < rows % tiles_of_rows);
                     const float *xt = x + (i0 + i) * x_stride + b * BLOCK;
                     const float *st = xs != NULL ? xs + i * blocks : NULL;
                     if (gt == G_TILE) {
