@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 from tests.worker.engine_harness import drain, make_engine, random_prompts, reference, run_all
 from worker.messages import InvalidRequest, SamplingParams
+from worker.model_runner import SHORT_PREFILL
 
 LENGTHS = [1, 3, 7, 12, 16, 23, 31, 45]
 GREEDY = SamplingParams(max_tokens=14, temperature=0.0)
@@ -49,6 +50,17 @@ def test_concurrent_greedy_equals_generate(model: PreTrainedModel) -> None:
     run = run_all(make_engine(model), prompts, GREEDY)
     assert run.tokens == references(model, prompts, GREEDY.max_tokens)
     assert max(len(step.outputs) for step in run.steps) == len(prompts), "all requests should share steps"
+
+
+@pytest.mark.parametrize("native_rows", [True, False])
+def test_long_prompts_equal_generate_with_either_prefill_attention(model: PreTrainedModel, native_rows: bool) -> None:
+    """Spans longer than SHORT_PREFILL attend with SDPA (a chunk after the first one with a mask over the cached
+    context); shorter ones row by row through the decode kernel, or all with SDPA where that kernel is off."""
+    prompts = random_prompts(vocab(model), [SHORT_PREFILL + 6, 2 * SHORT_PREFILL + 9, 40], seed=11)
+    engine = make_engine(model, max_num_batched_tokens=SHORT_PREFILL + 32)
+    engine.runner.native_decode = engine.runner.native_decode and native_rows
+    run = run_all(engine, prompts, GREEDY)
+    assert run.tokens == references(model, prompts, GREEDY.max_tokens)
 
 
 def test_chunked_prefill_equals_generate(model: PreTrainedModel) -> None:
