@@ -143,7 +143,7 @@ def library() -> ctypes.CDLL | None:
     lib.gguf_packed_size.argtypes = [ctypes.c_int, i64, i64]
     lib.gguf_pack.restype = None
     lib.gguf_pack.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
-    lib.gguf_linear.restype = None
+    lib.gguf_linear.restype = ctypes.c_int
     lib.gguf_linear.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, i64]
     lib.gguf_rows.restype = None
     lib.gguf_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
@@ -187,7 +187,10 @@ def gguf_linear(code: int, packed: torch.Tensor, rows: int, cols: int, x: torch.
     if x.stride(1) != 1:
         x = x.contiguous()
     out = torch.empty(x.shape[0], rows)
-    lib.gguf_linear(code, packed.data_ptr(), rows, cols, x.data_ptr(), x.stride(0), x.shape[0], out.data_ptr(), rows)
+    count, stride = x.shape[0], x.stride(0)
+    status = lib.gguf_linear(code, packed.data_ptr(), rows, cols, x.data_ptr(), stride, count, out.data_ptr(), rows)
+    if status != 0:
+        raise MemoryError("gguf_linear: no memory for the row sums of x")
     return out
 
 

@@ -8,9 +8,9 @@
  * columns: the 16 rows' d (fp16), for Q4_1 their 16 m (fp16), then the 32 columns' quants, 16 rows each: Q4_1 one
  * byte for columns 2i and 2i+1 of a row (low nibble, high nibble), so 8 bytes a column; Q8_0 16 bytes a column.
  *
- * Every output is summed in one fixed order whatever the number of rows in x and the threads: two partial sums
- * (even and odd columns) over the row, added at the end. A request's logits do not depend on what it is batched
- * with.
+ * The product goes block by block: sum_j x_j (d q_j + m) = d (sum_j x_j q_j) + m (sum_j x_j), the dot product with
+ * the integer quants a chain of multiply-adds in column order. Every output is summed in that one order whatever the
+ * number of rows in x and the threads, so a request's logits do not depend on what it is batched with.
  */
 #include "common.h"
 
@@ -84,10 +84,10 @@ INLINE __m512 offsets_of_block(const uint8_t *block) {
 /* The block's float32 weights exactly as gguf decodes them: d * q (+ m), each step rounded. */
 INLINE void dequantize_block(int type, const uint8_t *block, __m512 *w) {
     quants_of_block(type, block, w);
-    __m512 d = scales_of_block(block);
+    __m512 d = scales_of_block(block), m = type == Q4_1 ? offsets_of_block(block) : _mm512_setzero_ps();
     for (int c = 0; c < BLOCK; c++) {
         w[c] = _mm512_mul_ps(d, w[c]);
-        if (type == Q4_1) w[c] = _mm512_add_ps(w[c], offsets_of_block(block));
+        if (type == Q4_1) w[c] = _mm512_add_ps(w[c], m);
     }
 }
 
@@ -137,15 +137,15 @@ static const micro_fn SINGLE[M_TILE + 1] = {0, micro_1_1, micro_2_1, micro_3_1, 
 
 /* y[i, n] = sum_j x[i, j] W[n, j] for i < m: x [m, k] (row stride x_stride), y [m, n] (row stride y_stride). Every
  * output is summed in one order whatever m, the tiling and the threads: block by block, each block's dot product a
- * chain of multiply-adds in column order. */
-void gguf_linear(int type, const uint8_t *packed, int64_t n, int64_t k, const float *x, int64_t x_stride, int64_t m,
+ * chain of multiply-adds in column order. Returns 0, or 2 out of memory (nothing written). */
+int gguf_linear(int type, const uint8_t *packed, int64_t n, int64_t k, const float *x, int64_t x_stride, int64_t m,
                  float *y, int64_t y_stride) {
     int64_t blocks = k / BLOCK, block_bytes = packed_block_bytes(type), groups = n / GROUP;
     int64_t tiles = (groups + G_TILE - 1) / G_TILE;
     float *xsum = NULL; /* Q4_1: [m, blocks] sums of x over each block, each in one fixed order */
     if (type == Q4_1) {
         xsum = malloc(sizeof(float) * (size_t)(m * blocks));
-        if (xsum == NULL) abort();
+        if (xsum == NULL) return 2;
         for (int64_t i = 0; i < m; i++)
             for (int64_t b = 0; b < blocks; b++) {
                 const float *xb = x + i * x_stride + b * BLOCK;
@@ -189,6 +189,7 @@ void gguf_linear(int type, const uint8_t *packed, int64_t n, int64_t k, const fl
         }
     }
     free(xsum);
+    return 0;
 }
 
 /* out[i, :] = row ids[i] of W in float32 (an embedding lookup, or the whole weight to check it) */
