@@ -119,11 +119,11 @@ def load_model(entry: ModelEntry, cache_dir: Path | None = None) -> LoadedModel:
     source, local = _locate(entry)
     gguf_file = local if local is not None and local.suffix == ".gguf" else None
     converted, how = False, "hub" if local is None else "local directory"
-    if local is not None and local.suffix == ".gguf":
+    if gguf_file is not None:
         # Stored in the dtype served when nothing else is applied on top: loading float32 weights to cast them held
         # both copies at once, the worker's peak RSS (1290 MiB against 1194 MiB serving 64 streams).
         plain = entry.quantization == "none" and entry.lora is None
-        local, converted = _gguf_cache(local, cache_dir or default_cache_dir(), dtype if plain else torch.float32)
+        local, converted = _gguf_cache(gguf_file, cache_dir or default_cache_dir(), dtype if plain else torch.float32)
         how = "converted GGUF" if converted else "cached GGUF conversion"
     where = str(local) if local is not None else source
     revision = entry.revision or "main"  # ignored for local directories
@@ -183,7 +183,7 @@ def load_model(entry: ModelEntry, cache_dir: Path | None = None) -> LoadedModel:
 
 
 def _gguf_blocks(path: Path, model: PreTrainedModel, device: torch.device) -> dict[str, gguf_weights.QuantizedRows]:
-    if device.type != "cpu" or not native.gguf_takes(16, 32):
+    if device.type != "cpu" or native.library() is None:
         logger.warning("quantization: gguf runs on a CPU with the native kernels; serving float32 weights instead")
         return {}
     return gguf_weights.read(path, model)
