@@ -236,10 +236,15 @@ def gguf_decoded(kind: str, blocks: torch.Tensor, cols: int) -> torch.Tensor:
     return torch.from_numpy(weights.reshape(blocks.shape[0], cols))
 
 
+AMX_PATHS = [False, True] if native.gguf_amx() else [False]
+
+
+@pytest.mark.parametrize("amx", AMX_PATHS, ids=lambda amx: "amx" if amx else "fma")
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize(("rows", "cols"), [(16, 32), (80, 96), (192, 576)])
-def test_gguf_blocks_decode_to_gguf_weights_and_multiply_as_float32(kind: str, rows: int, cols: int) -> None:
-    """80 rows: five groups of 16, one past a full tile of four; products at 1 to 13 rows cross the row tiles."""
+def test_gguf_blocks_decode_to_gguf_weights_and_multiply_as_float32(kind: str, rows: int, cols: int, amx: bool) -> None:
+    """80 rows: five groups of 16, one past a full tile of four; products at 1 to 70 rows cross the row tiles (6 rows
+    in registers with multiply-adds, 16 a tile on AMX, 64 a chunk)."""
     blocks = random_blocks(kind, rows, cols, seed=rows + cols)
     code = {"Q4_1": 2, "Q8_0": 8}[kind]
     packed = native.gguf_pack(code, blocks, cols)
@@ -248,25 +253,39 @@ def test_gguf_blocks_decode_to_gguf_weights_and_multiply_as_float32(kind: str, r
     ids = torch.tensor([rows - 1, 0, rows // 2, 0])
     assert torch.equal(native.gguf_rows(code, packed, rows, cols, ids), weight[ids])
     gen = torch.Generator().manual_seed(1)
-    for count in (1, 2, 5, 6, 7, 13, 70):
+    for count in (1, 2, 5, 6, 7, 13, 16, 17, 70):
         x = torch.randn(count, cols + 8, generator=gen)[:, 3 : 3 + cols]  # strided rows, as slices of wider tensors
-        got = native.gguf_linear(code, packed, rows, cols, x)
+        got = native.gguf_linear(code, packed, rows, cols, x, amx=amx)
         want = x.double() @ weight.double().T
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * cols**0.5)
 
 
-def test_gguf_linear_rows_do_not_depend_on_their_batch() -> None:
-    """Each output is one chain of multiply-adds in column order: the same bits alone, in a batch of 70 (two row
-    chunks), on one thread or two."""
+@pytest.mark.parametrize("amx", AMX_PATHS, ids=lambda amx: "amx" if amx else "fma")
+def test_gguf_linear_rows_do_not_depend_on_their_batch(amx: bool) -> None:
+    """Each path sums every output in one order: the same bits alone, in a batch of 70 (two row chunks), on one
+    thread or two."""
     blocks, cols = random_blocks("Q4_1", 64, 128, seed=3), 128
     packed = native.gguf_pack(2, blocks, cols)
     x = torch.randn(70, cols, generator=torch.Generator().manual_seed(2))
-    batched = native.gguf_linear(2, packed, 64, cols, x)
+    batched = native.gguf_linear(2, packed, 64, cols, x, amx=amx)
     threads = torch.get_num_threads()
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
             for row in (0, 5, 63, 64, 69):
-                assert torch.equal(native.gguf_linear(2, packed, 64, cols, x[row : row + 1])[0], batched[row])
+                assert torch.equal(native.gguf_linear(2, packed, 64, cols, x[row : row + 1], amx=amx)[0], batched[row])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_gguf_linear_takes_amx_from_a_batch_of_gguf_amx_rows() -> None:
+    """Left to choose, small batches take the multiply-adds and larger ones AMX (where the CPU has it)."""
+    blocks, cols = random_blocks("Q8_0", 32, 64, seed=4), 64
+    packed = native.gguf_pack(8, blocks, cols)
+    x = torch.randn(native.GGUF_AMX_ROWS, cols, generator=torch.Generator().manual_seed(5))
+    small, large = x[: native.GGUF_AMX_ROWS - 1], x
+    assert torch.equal(
+        native.gguf_linear(8, packed, 32, cols, small), native.gguf_linear(8, packed, 32, cols, small, amx=False)
+    )
+    want = native.gguf_linear(8, packed, 32, cols, large, amx=native.gguf_amx())
+    assert torch.equal(native.gguf_linear(8, packed, 32, cols, large), want)

@@ -10,21 +10,14 @@
  *
  * The product goes block by block: sum_j x_j (d q_j + m) = d (sum_j x_j q_j) + m (sum_j x_j), the dot product with
  * the integer quants a chain of multiply-adds in column order. Every output is summed in that one order whatever the
- * number of rows in x and the threads, so a request's logits do not depend on what it is batched with.
+ * number of rows in x and the threads. gguf_amx.c computes the same on AMX tiles (the caller picks it for batches of
+ * 8 rows and more, where it is faster): the same float32 sums, rounded in another order.
  */
-#include "common.h"
+#include "gguf.h"
 
-#define GROUP 16
-#define BLOCK 32
 #define M_CHUNK 64 /* rows of x whose running sums stay in a thread's scratch while a block is reused across them */
 #define M_TILE 6   /* rows of x in registers at once */
 #define G_TILE 4   /* groups of 16 output rows in registers at once */
-
-enum { Q4_1 = 2, Q8_0 = 8 };
-
-static int64_t packed_block_bytes(int type) {
-    return type == Q4_1 ? GROUP * 2 * 2 + BLOCK * GROUP / 2 : GROUP * 2 + BLOCK * GROUP;
-}
 
 static int64_t gguf_block_bytes(int type) { return type == Q4_1 ? 4 + BLOCK / 2 : 2 + BLOCK; }
 
@@ -73,12 +66,6 @@ INLINE void quants_of_block(int type, const uint8_t *block, __m512 *q) {
         for (int c = 0; c < BLOCK; c++)
             q[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(bytes + c * GROUP))));
     }
-}
-
-INLINE __m512 scales_of_block(const uint8_t *block) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)block)); }
-
-INLINE __m512 offsets_of_block(const uint8_t *block) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(block + 2 * GROUP)));
 }
 
 /* The block's float32 weights exactly as gguf decodes them: d * q (+ m), each step rounded. */
@@ -137,21 +124,18 @@ static const micro_fn SINGLE[M_TILE + 1] = {0, micro_1_1, micro_2_1, micro_3_1, 
 
 /* y[i, n] = sum_j x[i, j] W[n, j] for i < m: x [m, k] (row stride x_stride), y [m, n] (row stride y_stride). Every
  * output is summed in one order whatever m, the tiling and the threads: block by block, each block's dot product a
- * chain of multiply-adds in column order. Returns 0, or 2 out of memory (nothing written). */
+ * chain of multiply-adds in column order (on AMX, where `amx` asks for it and the CPU has it: gguf_amx.c). Returns
+ * 0, or 2 out of memory (nothing written). */
 int gguf_linear(int type, const uint8_t *packed, int64_t n, int64_t k, const float *x, int64_t x_stride, int64_t m,
-                 float *y, int64_t y_stride) {
+                 float *y, int64_t y_stride, int amx) {
+    if (amx) {
+        int status = gguf_linear_amx(type, packed, n, k, x, x_stride, m, y, y_stride);
+        if (status != 1) return status;
+    }
     int64_t blocks = k / BLOCK, block_bytes = packed_block_bytes(type), groups = n / GROUP;
     int64_t tiles = (groups + G_TILE - 1) / G_TILE;
     float *xsum = NULL; /* Q4_1: [m, blocks] sums of x over each block, each in one fixed order */
-    if (type == Q4_1) {
-        xsum = malloc(sizeof(float) * (size_t)(m * blocks));
-        if (xsum == NULL) return 2;
-        for (int64_t i = 0; i < m; i++)
-            for (int64_t b = 0; b < blocks; b++) {
-                const float *xb = x + i * x_stride + b * BLOCK;
-                xsum[i * blocks + b] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(xb), _mm512_loadu_ps(xb + LANES)));
-            }
-    }
+    if (type == Q4_1 && (xsum = block_sums_of_x(x, x_stride, m, blocks)) == NULL) return 2;
     for (int64_t i0 = 0; i0 < m; i0 += M_CHUNK) {
         int64_t rows = m - i0 < M_CHUNK ? m - i0 : M_CHUNK;
 /* dynamic: a thread the OS preempts (the API process shares the cores) leaves its tiles to the others */
