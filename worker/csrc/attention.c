@@ -100,16 +100,26 @@ INLINE int block_values_64(const float *probs, int G, const void *values, int64_
     }
 }
 
+/* Ask for the next block's rows while this one is worked on: a sequence's blocks lie anywhere in the cache, so the
+ * hardware prefetcher, which follows addresses within a page, never runs ahead across them. */
+INLINE void prefetch_block(const void *rows, int64_t bytes) {
+    for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch((const char *)rows + at, _MM_HINT_T0);
+}
+
 /* One sequence against one KV head: its G query heads; scores holds G * n floats, qf and acc G * D each. */
 static void attend_head(dtype_t t, const void *q, int64_t q_row, int64_t q_head, const void *k, const void *v,
                         const int64_t *table, int64_t n, void *out, int b, int h, int H, int G, int D,
                         int64_t head_elems, int block_size, float scale, float *scores, float *qf, float *acc) {
-    int64_t block_elems = (int64_t)block_size * D;
+    int64_t block_elems = (int64_t)block_size * D, block_bytes = block_elems * (t == BF16 ? 2 : 4);
     for (int g = 0; g < G; g++)
         for (int d = 0; d < D; d++) qf[g * D + d] = load1(q, b * q_row + (int64_t)(h * G + g) * q_head + d, t);
     for (int64_t first = 0; first < n; first += block_size) {
         int64_t count = n - first < block_size ? n - first : block_size;
         const void *keys = row_at(k, h * head_elems + table[first / block_size] * block_elems, t);
+        /* the next block of keys, or after the last the first block of values */
+        const void *next = first + block_size < n ? row_at(k, h * head_elems + table[first / block_size + 1] * block_elems, t)
+                                                  : row_at(v, h * head_elems + table[0] * block_elems, t);
+        prefetch_block(next, block_bytes);
         if (t == BF16)
             block_scores(qf, G, D, keys, count, BF16, scale, scores + first, n);
         else
@@ -120,6 +130,7 @@ static void attend_head(dtype_t t, const void *q, int64_t q_row, int64_t q_head,
     for (int64_t first = 0; first < n; first += block_size) {
         int64_t count = n - first < block_size ? n - first : block_size;
         const void *values = row_at(v, h * head_elems + table[first / block_size] * block_elems, t);
+        if (first + block_size < n) prefetch_block(row_at(v, h * head_elems + table[first / block_size + 1] * block_elems, t), block_bytes);
         if (D == 64 && (t == BF16 ? block_values_64(scores + first, G, values, count, BF16, acc, n)
                                   : block_values_64(scores + first, G, values, count, F32, acc, n)))
             continue;
