@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
@@ -53,6 +55,34 @@ class _Response(BaseModel):
     def to_sse(self) -> str:
         """One server-sent event carrying this object; end a stream with `SSE_DONE`."""
         return f"data: {self.to_json()}\n\n"
+
+
+_MARK = "\x00"  # stands for the text in a rendered template: no detokenized text carries it in the same place
+_encode_text = json.JSONEncoder(ensure_ascii=False).encode
+
+
+class TextEvents:
+    """The SSE events of a stream's plain text deltas, which differ only in the text (and the choice index): each
+    choice's event is rendered once with a mark for the text, and later ones are the template around the text's JSON.
+    Pydantic rendered one in about 23 us; at 32 streams that was a fifth of the API process's CPU time a step, time
+    the worker sharing its cores lost. `render(index, text)` gives the full response object."""
+
+    def __init__(self, render: Callable[[int, str], _Response]) -> None:
+        self._render = render
+        self._templates: dict[int, tuple[str, str] | None] = {}
+
+    def event(self, index: int, text: str) -> str:
+        if index not in self._templates:
+            rendered, mark = self._render(index, _MARK).to_sse(), _encode_text(_MARK)
+            self._templates[index] = (
+                (rendered[: rendered.index(mark)], rendered[rendered.index(mark) + len(mark) :])
+                if rendered.count(mark) == 1
+                else None
+            )
+        template = self._templates[index]
+        if template is None:
+            return self._render(index, text).to_sse()
+        return template[0] + _encode_text(text) + template[1]
 
 
 # --- usage and logprobs ------------------------------------------------------------------------------------------

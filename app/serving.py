@@ -27,6 +27,7 @@ from app.protocol_responses import (
     ChatResponseMessage,
     CompletionChoice,
     CompletionResponse,
+    TextEvents,
     Usage,
     new_id,
 )
@@ -103,9 +104,19 @@ class Serving:
                 choice = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
                 return ChatCompletionChunk(id=response_id, model=served.name, choices=[choice]).to_sse()
 
+            plain = TextEvents(
+                lambda index, text: ChatCompletionChunk(
+                    id=response_id,
+                    model=served.name,
+                    choices=[ChatChunkChoice(index=index, delta=ChatDelta(content=text))],
+                )
+            )
+
             def chunk(delta: Delta) -> str:
-                logprobs = chat_logprobs(delta.choice.detok, delta.logprobs) if want_logprobs else None
                 reason = delta.choice.finish_reason
+                if not (want_logprobs or parsers or reason):
+                    return plain.event(delta.choice.index, delta.text)
+                logprobs = chat_logprobs(delta.choice.detok, delta.logprobs) if want_logprobs else None
                 content, calls = delta.text, None
                 parser = parsers.get(delta.choice.index)
                 if parser is not None:
@@ -172,9 +183,16 @@ class Serving:
 
         if body.stream:
             sent = dict.fromkeys((c.index for c in gen.choices), 0)  # tokens whose logprobs went out, per choice
+            plain = TextEvents(
+                lambda index, text: CompletionResponse(
+                    id=response_id, model=served.name, choices=[CompletionChoice(index=index, text=text)]
+                )
+            )
 
             def chunk(delta: Delta) -> str:
                 choice = delta.choice
+                if not (want_logprobs or choice.finish_reason):
+                    return plain.event(choice.index, delta.text)
                 logprobs = None
                 if want_logprobs:
                     echo_chars = len(echo[choice.prompt_index])

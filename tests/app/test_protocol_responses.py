@@ -33,6 +33,7 @@ from app.protocol_responses import (
     FinishReason,
     ModelCard,
     ModelList,
+    TextEvents,
     TokenizeResponse,
     TopLogprob,
     Usage,
@@ -261,3 +262,24 @@ def test_openai_client_sends_what_we_accept_and_reads_what_we_send(client: opena
     assert text.choices[0].text == " ab"
     pieces = list(client.completions.create(model="m", prompt="x", stream=True))
     assert [(p.choices[0].text, p.choices[0].finish_reason) for p in pieces] == [("Hel", None), ("lo", "stop")]
+
+
+@pytest.mark.parametrize(
+    "text", ["Hello", ' "quoted" \\ back', "line\nbreak\ttab", "naïve 日本 🙂", "\x01\x1f ctrl", "", "\u2028"]
+)
+def test_text_events_render_what_pydantic_renders(text: str) -> None:
+    def chat(index: int, piece: str) -> ChatCompletionChunk:
+        choice = ChatChunkChoice(index=index, delta=ChatDelta(content=piece))
+        return ChatCompletionChunk(id="chatcmpl-1", created=7, model="m", choices=[choice])
+
+    def completion(index: int, piece: str) -> CompletionResponse:
+        choice = CompletionChoice(index=index, text=piece)
+        return CompletionResponse(id="cmpl-1", created=7, model="m", choices=[choice])
+
+    for render in (chat, completion):
+        events = TextEvents(render)
+        for index in (0, 3, 0):
+            got = events.event(index, text)
+            want = render(index, text).to_sse()
+            assert got.startswith("data: ") and got.endswith("\n\n")
+            assert json.loads(got[6:]) == json.loads(want[6:])
