@@ -4,6 +4,10 @@ tokenized by the default model's tokenizer. Also what each installs.
 
     pip install xgrammar   # not a tokenmill dependency; only for this comparison
     python -m loadtests.bench_grammar [--repeat 20]
+    pip uninstall -y xgrammar triton apache-tvm-ffi   # afterwards: see below
+
+Uninstall it afterwards: xgrammar pulls in triton, and torch imports triton on start whenever it is installed, which
+costs every tokenmill worker 75 MB of RSS on a CPU where triton has nothing to do.
 """
 
 from __future__ import annotations
