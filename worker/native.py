@@ -10,7 +10,7 @@ the forward ran about 25 small torch ops a layer for them, each a few microsecon
 
 `gguf_linear` multiplies by weights kept as a GGUF file's Q4_1 or Q8_0 blocks, decoded in registers to the
 float32 weights transformers would load (see gguf_weights.py): a third of bfloat16's bytes to read a step. Batches of
-8 rows and more take AMX tiles where the CPU has them (bfloat16 products, exact here: gguf_amx.c says why).
+32 rows and more take AMX tiles where the CPU has them (bfloat16 products, exact here: gguf_amx.c says why).
 
 `argmax` finds the greedy token of each row in a tenth of the time torch's CPU argmax takes.
 
@@ -44,9 +44,11 @@ FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC"
 OPENMP = ["-fopenmp"]
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 MAX_HEAD_DIM = 512  # MAX_D in csrc/attention.c
-# Rows of x from which gguf_linear takes the AMX path: below it the multiply-adds win (at 6 rows the two paths were
-# even, at 8 AMX took 72 ns a group of 16 outputs and block of 32 columns against 91, at 32 rows 170 against 247).
-GGUF_AMX_ROWS = 8
+# Rows of x from which gguf_linear takes the AMX path. On one weight kept in cache AMX wins from 8 rows (72 against
+# 91 ns a group of 16 outputs and block of 32 columns; 170 against 247 at 32 rows), but in the model, where each step
+# streams the weights from memory, it lost at 8 rows (19.8 against 16.2 ms a step of SmolLM2, steps alternating),
+# tied at 16 and 24, and won at 32 (42.6 against 46.8 ms) and in prefill (8 prompts of 200 tokens: 1.98 against 2.25 s).
+GGUF_AMX_ROWS = 32
 
 
 def cache_dir() -> Path:

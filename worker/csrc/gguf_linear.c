@@ -11,7 +11,7 @@
  * The product goes block by block: sum_j x_j (d q_j + m) = d (sum_j x_j q_j) + m (sum_j x_j), the dot product with
  * the integer quants a chain of multiply-adds in column order. Every output is summed in that one order whatever the
  * number of rows in x and the threads. gguf_amx.c computes the same on AMX tiles (the caller picks it for batches of
- * 8 rows and more, where it is faster): the same float32 sums, rounded in another order.
+ * 32 rows and more, where it is faster): the same float32 sums, rounded in another order.
  */
 #include "gguf.h"
 
