@@ -147,8 +147,9 @@ def summarize(label: str, samples: list[Sample], seconds: float, max_tokens: int
 
 def _session(url: str, connections: int) -> aiohttp.ClientSession:
     """aiohttp rather than httpx: the driver shares the server's cores, and per streamed chunk it costs a fraction of
-    httpx's CPU time (its HTTP parser is in C)."""
-    connector = aiohttp.TCPConnector(limit=connections)  # 0: no limit
+    httpx's CPU time (its HTTP parser is in C). A connection per request: llama-server closes kept-alive connections
+    after a stream, and aiohttp would send the next request down the closed one."""
+    connector = aiohttp.TCPConnector(limit=connections, force_close=True)  # limit 0: none
     return aiohttp.ClientSession(base_url=url, connector=connector, timeout=aiohttp.ClientTimeout(total=1800.0))
 
 
