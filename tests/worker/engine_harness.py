@@ -21,7 +21,7 @@ class Run:
 
 
 def make_engine(model: PreTrainedModel, *, num_blocks: int = 256, block_size: int = 4, **kwargs: object) -> Engine:
-    """An engine over a private copy of `model`, so the reference keeps HF's own attention."""
+    """An engine over a private copy of `model` (on the model's device), so the reference keeps HF's own attention."""
     config = model.config
     eos = config.eos_token_id if config.eos_token_id is not None else []
     return Engine(
@@ -29,7 +29,7 @@ def make_engine(model: PreTrainedModel, *, num_blocks: int = 256, block_size: in
         name="test",
         max_model_len=int(config.max_position_embeddings),
         eos_token_ids=[eos] if isinstance(eos, int) else list(eos),
-        device=torch.device("cpu"),
+        device=next(model.parameters()).device,
         num_blocks=num_blocks,
         block_size=block_size,
         **kwargs,  # type: ignore[arg-type]
@@ -57,12 +57,13 @@ def run_all(engine: Engine, prompts: dict[str, list[int]], params: SamplingParam
 
 
 def reference(model: PreTrainedModel, prompt: list[int], max_tokens: int) -> list[int]:
-    """transformers' own greedy `generate`, one prompt at a time (no padding)."""
+    """transformers' own greedy `generate`, one prompt at a time (no padding), on the model's device."""
     eos = model.config.eos_token_id
+    device = next(model.parameters()).device
     with torch.inference_mode():
         out = cast(Any, model).generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            torch.tensor([prompt], device=device),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
             max_new_tokens=max_tokens,
             do_sample=False,
             eos_token_id=eos,
