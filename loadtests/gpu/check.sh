@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU checks in one run, on a GPU machine without network, from the repository root:
+#   loadtests/gpu/check.sh OUT_DIR [WHEELS_DIR]
+# installs what the machine's Python lacks from WHEELS_DIR (made by loadtests/gpu/wheels.sh; default wheels/), then
+# runs the tests marked gpu, and writes what it saw to OUT_DIR: device.txt, install.txt, pytest_gpu.txt, and
+# summary.txt (one line a step with its exit status). A step that fails does not stop the later ones.
+set -uo pipefail
+out=${1:?usage: loadtests/gpu/check.sh OUT_DIR [WHEELS_DIR]}
+wheels=${2:-wheels}
+mkdir -p "$out"
+summary="$out/summary.txt"
+: > "$summary"
+
+step() {  # step NAME LOG COMMAND...: run, keep its output in LOG, note its exit status in the summary
+    local name=$1 log=$2
+    shift 2
+    local start=$SECONDS
+    "$@" > "$log" 2>&1
+    local status=$?
+    echo "$name: exit $status in $((SECONDS - start)) s" >> "$summary"
+    return $status
+}
+
+step device "$out/device.txt" bash -c 'nvidia-smi; python -c "import sys, torch; print(sys.version); \
+print(torch.__version__, torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"'
+if [ -d "$wheels" ]; then
+    step install "$out/install.txt" python -m pip install --no-index --find-links "$wheels" \
+        msgspec pydantic llguidance gguf fastapi uvicorn pytest pytest-timeout
+fi
+step tests "$out/pytest_gpu.txt" env PYTHONPATH="$PWD" python -m pytest -m gpu -q -p no:cacheprovider tests/worker/test_gpu.py
+cat "$summary"
