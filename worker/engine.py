@@ -73,6 +73,7 @@ class Engine:
             self.block_manager, max_num_seqs, max_num_batched_tokens, max_model_len, self.eos_token_ids
         )
         self.runner = ModelRunner(model, num_blocks, block_size, device, gguf_blocks)
+        log.info("%s: %s", name, self.runner.describe())
         self.sampler = Sampler(seed)
         self.grammar = GrammarMasks(tokenizer_dir, self.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Sequence] = {}

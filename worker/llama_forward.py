@@ -197,6 +197,20 @@ class LlamaForward:
             _release(linears)
         return found
 
+    def projections(self) -> str:
+        """What the projections compute with, for the start-up log."""
+        kinds = {
+            type(p).__name__ if not isinstance(p, Projection) else ("packed" if p.packed else "plain")
+            for layer in self.layers
+            for p in (layer.qkv, layer.o, layer.gate_up, layer.down)
+        }
+        names = {
+            "BlockProjection": "GGUF blocks" + (" (AMX from 32 rows)" if native.gguf_amx() else ""),
+            "packed": "oneDNN, reordered once",
+            "plain": "torch F.linear",
+        }
+        return ", ".join(sorted(names[kind] for kind in kinds))
+
     @torch.inference_mode()
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, meta: AttentionMetadata

@@ -64,6 +64,21 @@ class ModelRunner:
         heads = model.config.get_text_config().num_attention_heads
         self.native_decode = native.decode_attention_takes(self.dtype, device, heads, kv_heads, head_dim)
 
+    def describe(self) -> str:
+        """The paths a step takes, for the start-up log: which forward, which projections, which attention."""
+        if self.lean is None:
+            forward = "transformers' modules"
+        else:
+            layer_ops = "native layer kernels" if self.lean.fused else "torch ops"
+            forward = f"lean Llama forward ({layer_ops}; projections: {self.lean.projections()})"
+        decode = "native kernel over the paged cache" if self.native_decode else "torch matmuls over gathered blocks"
+        prefill = (
+            f"SDPA (spans of at most {SHORT_PREFILL} tokens through the decode kernel)"
+            if self.native_decode
+            else "SDPA"
+        )
+        return f"{forward}; decode attention: {decode}; prefill attention: {prefill}; {self.dtype} on {self.device}"
+
     @torch.inference_mode()
     def execute(self, items: list[BatchItem]) -> torch.Tensor:
         """Run one packed forward; return float32 logits [num sampled items, vocab] in item order."""

@@ -159,3 +159,15 @@ def test_packing_lets_go_of_the_weights_file(bf16_model: PreTrainedModel, tmp_pa
     assert runner.lean is not None and not mapped()
     for step in mixed_batch(runner, int(bf16_model.config.vocab_size)):
         assert torch.isfinite(runner.execute(step)).all()  # and runs on its own copies
+
+
+def test_the_runner_says_which_paths_a_step_takes(model: PreTrainedModel, bf16_model: PreTrainedModel) -> None:
+    runner = make_engine(model).runner
+    assert runner.describe().startswith("lean Llama forward (")
+    assert "projections: torch F.linear" in runner.describe() and "torch.float32 on cpu" in runner.describe()
+    runner.native_decode = False
+    assert "decode attention: torch matmuls over gathered blocks; prefill attention: SDPA;" in runner.describe()
+    runner.lean = None
+    assert runner.describe().startswith("transformers' modules; ")
+    if llama_forward.packs(torch.bfloat16, torch.device("cpu")):
+        assert "projections: oneDNN, reordered once" in make_engine(bf16_model).runner.describe()
