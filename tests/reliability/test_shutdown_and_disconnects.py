@@ -15,6 +15,7 @@ import httpx
 import psutil
 
 from tests.server_harness import Server, model_entry, start_server, write_registry
+from worker import faults
 
 
 def tiny_server(tiny_llama_dir: Path, tmp: Path, *args: str) -> Server:
@@ -57,7 +58,11 @@ def test_sigterm_drains_then_exits_zero(tiny_llama_dir: Path, tmp_path: Path) ->
 
 
 def test_second_sigterm_exits_at_once(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    server = tiny_server(tiny_llama_dir, tmp_path, "--drain-timeout", "120")
+    # 20 ms a step: the 490-token stream lasts about 10 s, so only the second signal can end it in time (without the
+    # delay the tiny model streamed all of it before the second signal now and then)
+    entry = model_entry(tiny_llama_dir)
+    registry = write_registry(tmp_path / "models.yaml", [entry])
+    server = start_server(registry, tmp_path, "--drain-timeout", "120", env={faults.ENV: "slow:20"})
     events: list[str] = []
     started = threading.Event()
 

@@ -64,3 +64,5 @@ def test_out_of_memory_fails_the_largest_request_only(model: PreTrainedModel) ->
 def test_fault_spec_is_validated() -> None:
     with pytest.raises(ValueError, match="TOKENMILL_TEST_FAULT"):
         fault_hook("explode")
+    with pytest.raises(ValueError, match="slow:MILLISECONDS"):
+        fault_hook("slow:soon")
