@@ -74,11 +74,8 @@ class TextEvents:
     def event(self, index: int, text: str) -> str:
         if index not in self._templates:
             rendered, mark = self._render(index, _MARK).to_sse(), _encode_text(_MARK)
-            self._templates[index] = (
-                (rendered[: rendered.index(mark)], rendered[rendered.index(mark) + len(mark) :])
-                if rendered.count(mark) == 1
-                else None
-            )
+            head, _, tail = rendered.partition(mark)
+            self._templates[index] = (head, tail) if rendered.count(mark) == 1 else None
         template = self._templates[index]
         if template is None:
             return self._render(index, text).to_sse()

@@ -199,17 +199,14 @@ class LlamaForward:
 
     def projections(self) -> str:
         """What the projections compute with, for the start-up log."""
-        kinds = {
-            type(p).__name__ if not isinstance(p, Projection) else ("packed" if p.packed else "plain")
-            for layer in self.layers
-            for p in (layer.qkv, layer.o, layer.gate_up, layer.down)
-        }
-        names = {
-            "BlockProjection": "GGUF blocks" + (" (AMX from 32 rows)" if native.gguf_amx() else ""),
-            "packed": "oneDNN, reordered once",
-            "plain": "torch F.linear",
-        }
-        return ", ".join(sorted(names[kind] for kind in kinds))
+
+        def label(projection: Project) -> str:
+            if isinstance(projection, BlockProjection):
+                return "GGUF blocks" + (" (AMX from 32 rows)" if native.gguf_amx() else "")
+            return "oneDNN, reordered once" if projection.packed else "torch F.linear"
+
+        kinds = {label(p) for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)}
+        return ", ".join(sorted(kinds))
 
     @torch.inference_mode()
     def __call__(
