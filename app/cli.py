@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting-requests", type=int, help="bounded waiting queue per model; past it: 429")
     serve.add_argument("--threads", type=int, help="torch threads per worker (default: all usable cores but one)")
     serve.add_argument("--kv-cache-memory", help="KV cache per model, bytes or '512MiB' (default: per registry)")
+    serve.add_argument(
+        "--gpu-memory-utilization", type=float, help="CUDA: share of the device's memory a model may use (0.9)"
+    )
     serve.add_argument("--max-num-seqs", type=int, help="running sequences per engine step")
     serve.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step")
     serve.add_argument("--max-body-bytes", type=int, help="largest request body (default: 4 MiB); past it: 413")

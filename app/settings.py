@@ -13,7 +13,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.registry import DEFAULT_REGISTRY, Registry, load_registry, parse_size
 
-ENGINE_OVERRIDES = ("max_waiting_requests", "threads", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens")
+ENGINE_OVERRIDES = (
+    "max_waiting_requests",
+    "threads",
+    "kv_cache_memory",
+    "gpu_memory_utilization",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+)
 
 
 class Settings(BaseSettings):
@@ -29,6 +36,7 @@ class Settings(BaseSettings):
     max_waiting_requests: int | None = Field(default=None, ge=0)
     threads: int | None = Field(default=None, ge=1)
     kv_cache_memory: int | None = Field(default=None, gt=0)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     max_num_seqs: int | None = Field(default=None, ge=1)
     max_num_batched_tokens: int | None = Field(default=None, ge=16)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)

@@ -1,9 +1,10 @@
 """Paged attention plugged into transformers' attention interface: the HF model runs, our function attends.
 
 One forward takes a packed batch ([1, T] tokens of every scheduled request, no padding). Each layer writes its new
-K/V into the paged cache, then attends: prefill chunks one request at a time with SDPA, decodes all at once, with
-the C kernel of `worker.native` reading the cache in place where it runs, else with batched matmuls over the
-gathered blocks (faster than SDPA with a mask for single query rows on CPU).
+K/V into the paged cache, then attends. With flash-attn (CUDA, `worker.flash_attention`) its kernels serve the whole
+step over their own cache layout. Otherwise prefill chunks attend one request at a time with SDPA, and decodes all
+at once, with the C kernel of `worker.native` reading the cache in place where it runs, else with batched matmuls
+over the gathered blocks (faster than SDPA with a mask for single query rows on CPU).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from worker import native
+from worker import flash_attention, native
+from worker.flash_attention import FlashMetadata, Kernels
 
 ATTENTION_NAME = "tokenmill_paged"
 META_KWARG = "tokenmill_meta"
@@ -45,10 +47,13 @@ class DecodeBatch:
 
 @dataclass
 class AttentionMetadata:
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [kv_heads, num_blocks, block_size, head_dim]
+    # per layer: [kv_heads, num_blocks, block_size, head_dim]; with flash-attn [num_blocks, block_size, kv_heads, D]
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     slot_mapping: torch.Tensor  # [T] long: where each new token's K/V goes (block_id * block_size + offset)
     prefills: list[PrefillSpan] = field(default_factory=list)
     decode: DecodeBatch | None = None
+    flash: FlashMetadata | None = None  # set: flash-attn serves the whole step (prefills and decode stay empty)
+    flash_kernels: Kernels | None = None  # None: flash_attn's own
 
 
 def paged_attention(
@@ -78,6 +83,11 @@ def attend(
     """Store one layer's new K/V in the paged cache (unless the caller has: `stored`) and attend.
     q [H, T, D], k and v [Hkv, T, D] -> [T, H, D]."""
     k_cache, v_cache = meta.kv_caches[layer]
+    if meta.flash is not None:
+        scale = scaling if scaling is not None else k_cache.shape[-1] ** -0.5
+        if not stored:
+            flash_attention.store(k_cache, v_cache, k.transpose(0, 1), v.transpose(0, 1), meta.slot_mapping)
+        return flash_attention.attend(q.transpose(0, 1), k_cache, v_cache, meta.flash, scale, meta.flash_kernels)
     kv_heads, num_blocks, block_size, head_dim = k_cache.shape
     scale = scaling if scaling is not None else head_dim**-0.5
     flat_k = k_cache.view(kv_heads, num_blocks * block_size, head_dim)

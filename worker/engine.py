@@ -11,14 +11,15 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-import psutil
 import torch
 from transformers import PreTrainedModel
 
 from worker.block_manager import BlockManager
+from worker.flash_attention import PAGE_MULTIPLE as PAGE
 from worker.gguf_weights import QuantizedRows
+from worker.kv_budget import default_cpu_kv_cache_memory, profile_num_blocks
 from worker.messages import EngineStats, InvalidRequest, ModelInfo, RequestOutput, SamplingParams, StepOutput
-from worker.model_runner import BatchItem, ModelRunner, kv_bytes_per_token
+from worker.model_runner import BatchItem, ModelRunner, flash_backend_fits, kv_bytes_per_token
 from worker.registry import ModelEntry
 from worker.sampler import SampleInput, Sampler
 from worker.scheduler import Scheduler, SchedulerOutput
@@ -30,18 +31,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tokenmill.engine")
 
-# 256 MiB: 11k tokens of SmolLM2. A long run touches all of it; with it the default server peaks at 1.50 GB.
-CPU_KV_DEFAULT_CAP = 256 << 20
-CPU_KV_DEFAULT_SHARE = 0.25
-CUDA_KV_DEFAULT_SHARE = 0.8
 
-
-def default_kv_cache_memory(device: torch.device) -> int:
-    """A sane share of free memory: a quarter of available RAM (at most 256 MiB) on CPU, most of free GPU memory."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * CUDA_KV_DEFAULT_SHARE)
-    return min(CPU_KV_DEFAULT_CAP, int(psutil.virtual_memory().available * CPU_KV_DEFAULT_SHARE))
+def default_kv_cache_memory(device: torch.device) -> int | None:
+    """The KV budget where the entry sets none: a share of RAM on the CPU; None on CUDA, where a profiling forward
+    sizes the pool (worker.kv_budget)."""
+    return None if device.type == "cuda" else default_cpu_kv_cache_memory()
 
 
 class Engine:
@@ -53,7 +47,7 @@ class Engine:
         max_model_len: int,
         eos_token_ids: Iterable[int],
         device: torch.device,
-        num_blocks: int,
+        num_blocks: int | None,
         block_size: int = 16,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
@@ -61,19 +55,32 @@ class Engine:
         seed: int = 0,
         tokenizer_dir: str = "",
         gguf_blocks: dict[str, QuantizedRows] | None = None,
+        gpu_memory_utilization: float = 0.9,
+        cuda_graphs: bool = True,
     ) -> None:
+        """`num_blocks` None: size the KV pool on CUDA from a profiling forward (worker.kv_budget). `cuda_graphs`:
+        capture decode graphs at start where the device is a CUDA one."""
         self.name = name
         self.tokenizer_dir = tokenizer_dir
         self.max_model_len = max_model_len
         self.eos_token_ids = sorted(set(eos_token_ids))
         self.vocab_size = int(model.config.get_text_config().vocab_size)
         self.device = device
+        self.runner = ModelRunner(model, num_blocks or 0, block_size, device, gguf_blocks)
+        log.info("%s: %s", name, self.runner.describe())
+        if num_blocks is None:
+            if device.type != "cuda":
+                raise ValueError("the KV pool is sized by profiling on CUDA only; give num_blocks on other devices")
+            per_block = kv_bytes_per_token(model, self.runner.dtype) * block_size
+            num_blocks = profile_num_blocks(
+                self.runner, max_num_batched_tokens, max_num_seqs, gpu_memory_utilization, per_block
+            )
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager, max_num_seqs, max_num_batched_tokens, max_model_len, self.eos_token_ids
         )
-        self.runner = ModelRunner(model, num_blocks, block_size, device, gguf_blocks)
-        log.info("%s: %s", name, self.runner.describe())
+        if cuda_graphs and device.type == "cuda":
+            log.info("%s: %s", name, self.runner.capture_decode_graphs(max_num_seqs, max_model_len))
         self.sampler = Sampler(seed)
         self.grammar = GrammarMasks(tokenizer_dir, self.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
@@ -85,31 +92,37 @@ class Engine:
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, entry: ModelEntry) -> Engine:
         per_token = kv_bytes_per_token(loaded.model, loaded.dtype)
+        block_size = entry.block_size
+        if "block_size" not in entry.model_fields_set and flash_backend_fits(loaded.device, loaded.dtype, PAGE):
+            block_size = PAGE  # flash-attn pages blocks of 256 tokens; an entry's own block size keeps SDPA
         budget = entry.kv_cache_memory or default_kv_cache_memory(loaded.device)
-        num_blocks = max(1, budget // (per_token * entry.block_size))
-        log.info(
-            "%s: KV cache %d blocks x %d tokens (%.0f MiB, %d bytes/token)",
-            entry.name,
-            num_blocks,
-            entry.block_size,
-            num_blocks * entry.block_size * per_token / 2**20,
-            per_token,
-        )
-        return cls(
+        num_blocks = None if budget is None else max(1, budget // (per_token * block_size))
+        engine = cls(
             loaded.model,
             name=entry.name,
             max_model_len=loaded.max_model_len,
             eos_token_ids=loaded.eos_token_ids,
             device=loaded.device,
             num_blocks=num_blocks,
-            block_size=entry.block_size,
+            block_size=block_size,
             max_num_seqs=entry.max_num_seqs,
             max_num_batched_tokens=entry.max_num_batched_tokens,
             enable_prefix_caching=entry.enable_prefix_caching,
             seed=entry.seed,
             tokenizer_dir=str(loaded.weights_path),
             gguf_blocks=loaded.gguf_blocks,
+            gpu_memory_utilization=entry.gpu_memory_utilization,
+            cuda_graphs=entry.cuda_graphs,
         )
+        log.info(
+            "%s: KV cache %d blocks x %d tokens (%.0f MiB, %d bytes/token)",
+            entry.name,
+            engine.block_manager.num_blocks,
+            block_size,
+            engine.block_manager.num_blocks * block_size * per_token / 2**20,
+            per_token,
+        )
+        return engine
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(

@@ -91,6 +91,13 @@ def available() -> bool:
         return False
 
 
+def installed_version() -> str:
+    try:
+        return importlib.metadata.version("flash_attn")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 @functools.cache
 def flash_kernels() -> Kernels:
     """flash_attn's two kernels, imported on first use."""

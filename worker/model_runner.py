@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from worker import attention, llama_forward, native
+from worker import attention, flash_attention, llama_forward, native
 from worker.attention import AttentionMetadata, DecodeBatch, PrefillSpan
+from worker.cuda_graphs import DecodeGraphs, DecodeInputs, capture_sizes, table_widths
+from worker.flash_attention import FlashMetadata, Kernels, Span
 from worker.gguf_weights import QuantizedRows
 
 
@@ -37,6 +39,13 @@ def kv_bytes_per_token(model: PreTrainedModel, dtype: torch.dtype) -> int:
 # in dispatch alone, and a burst of 32 short prompts spent 40% of its prefill step there. Longer spans keep SDPA,
 # whose matrix products win once a span attends to hundreds of keys per row.
 SHORT_PREFILL = 64
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def flash_backend_fits(device: torch.device, dtype: torch.dtype, block_size: int) -> bool:
+    """Whether flash-attn serves attention: on CUDA, installed, in fp16/bf16, over blocks it can page."""
+    fits = device.type == "cuda" and dtype in FLASH_DTYPES and block_size % flash_attention.PAGE_MULTIPLE == 0
+    return fits and flash_attention.available()
 
 
 class ModelRunner:
@@ -47,22 +56,41 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         gguf_blocks: dict[str, QuantizedRows] | None = None,
+        flash: bool | None = None,
     ) -> None:
+        """`flash`: attend with flash-attn's kernels over its cache layout; None: where `flash_backend_fits`."""
         self.model = model
         self.device = device
         self.block_size = block_size
-        self.num_blocks = num_blocks
         self.dtype = next(model.parameters()).dtype
-        layers, kv_heads, head_dim = _kv_shape(model)
-        shape = (kv_heads, num_blocks, block_size, head_dim)
-        # Zeroed, not empty: padded decode positions read cache slots that were never written, and NaN garbage
-        # would survive a zero attention weight.
-        pool = _zeroed_pool((layers, 2, *shape), self.dtype, device)
-        self.kv_caches = [(pool[layer, 0], pool[layer, 1]) for layer in range(layers)]
+        self.flash = flash_backend_fits(device, self.dtype, block_size) if flash is None else flash
+        self.flash_kernels: Kernels | None = None  # None: flash_attn's own (tests pass others)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.graphs: DecodeGraphs | None = None
+        self.allocate(num_blocks)
         model.set_attn_implementation(attention.register())
         self.lean = llama_forward.LlamaForward(model, gguf_blocks) if llama_forward.supports(model) else None
+        _, kv_heads, head_dim = _kv_shape(model)
         heads = model.config.get_text_config().num_attention_heads
-        self.native_decode = native.decode_attention_takes(self.dtype, device, heads, kv_heads, head_dim)
+        self.native_decode = not self.flash and native.decode_attention_takes(
+            self.dtype, device, heads, kv_heads, head_dim
+        )
+
+    def allocate(self, num_blocks: int) -> None:
+        """(Re)allocate the KV pool: `num_blocks` blocks for sequences plus one scratch block, where the padding rows
+        of a captured decode graph write. The previous pool and any graphs captured over it are released first."""
+        self.kv_caches = []
+        self.graphs = None
+        self.num_blocks = num_blocks
+        self.scratch_block = num_blocks
+        layers, kv_heads, head_dim = _kv_shape(self.model)
+        shape = (kv_heads, num_blocks + 1, self.block_size, head_dim)
+        if self.flash:
+            shape = flash_attention.cache_shape(num_blocks + 1, self.block_size, kv_heads, head_dim)
+        # Zeroed, not empty: padded decode positions read cache slots that were never written, and NaN garbage
+        # would survive a zero attention weight.
+        pool = _zeroed_pool((layers, 2, *shape), self.dtype, self.device)
+        self.kv_caches = [(pool[layer, 0], pool[layer, 1]) for layer in range(layers)]
 
     def describe(self) -> str:
         """The paths a step takes, for the start-up log: which forward, which projections, which attention."""
@@ -71,6 +99,10 @@ class ModelRunner:
         else:
             layer_ops = "native layer kernels" if self.lean.fused else "torch ops"
             forward = f"lean Llama forward ({layer_ops}; projections: {self.lean.projections()})"
+        if self.flash:
+            version = flash_attention.installed_version()
+            attn = f"flash-attn {version} (varlen and kvcache kernels) over pages of {self.block_size} tokens"
+            return f"{forward}; attention: {attn}; {self.dtype} on {self.device}"
         decode = "native kernel over the paged cache" if self.native_decode else "torch matmuls over gathered blocks"
         prefill = (
             f"SDPA (spans of at most {SHORT_PREFILL} tokens through the decode kernel)"
@@ -82,6 +114,12 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, items: list[BatchItem]) -> torch.Tensor:
         """Run one packed forward; return float32 logits [num sampled items, vocab] in item order."""
+        if self.graphs is not None and all(len(i.token_ids) == 1 and i.num_computed > 0 and i.sample for i in items):
+            replayed = self.graphs.run(
+                [i.token_ids[0] for i in items], [i.num_computed for i in items], [i.block_table for i in items]
+            )
+            if replayed is not None:
+                return replayed
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -100,6 +138,8 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(first, first + n))
             if item.sample:
                 keep.append(start + n - 1)
+            if self.flash:
+                continue  # flash-attn takes every request's span at once, below
             if n == 1 and first > 0:
                 decode_rows.append(start)
                 decode_items.append(item)
@@ -116,6 +156,10 @@ class ModelRunner:
             prefills=prefills,
             decode=self._decode_batch(decode_rows, decode_items, len(input_ids)) if decode_items else None,
         )
+        if self.flash:
+            spans = [Span(len(i.token_ids), i.num_computed + len(i.token_ids), i.block_table) for i in items]
+            meta.flash = flash_attention.build_metadata(spans, bs, self.device)
+            meta.flash_kernels = self.flash_kernels
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         keep_t = torch.tensor(keep, dtype=torch.long, device=self.device)
@@ -153,11 +197,7 @@ class ModelRunner:
             item.block_table[:max_blocks] + [0] * (max_blocks - len(item.block_table[:max_blocks])) for item in items
         ]
         lengths_t = torch.tensor(lengths, dtype=torch.long, device=self.device)
-        mask = None
-        if not self.native_decode:
-            key_pos = torch.arange(max_blocks * bs, device=self.device)
-            mask = torch.zeros(1, len(items), 1, max_blocks * bs, device=self.device)
-            mask.masked_fill_((key_pos[None, :] >= lengths_t[:, None])[None, :, None, :], float("-inf"))
+        mask = None if self.native_decode else self._additive_mask(lengths_t, max_blocks)
         return DecodeBatch(
             rows=torch.tensor(rows, dtype=torch.long, device=self.device),
             block_tables=torch.tensor(tables, dtype=torch.long, device=self.device),
@@ -165,6 +205,63 @@ class ModelRunner:
             additive_mask=mask,
             every_row=len(rows) == num_rows,  # rows are added in order, so then they are rows 0..T-1
         )
+
+    def _additive_mask(self, lengths: torch.Tensor, max_blocks: int) -> torch.Tensor:
+        """[1, B, 1, max_blocks * block_size] float: 0 for each row's first `length` keys, -inf past them."""
+        key_pos = torch.arange(max_blocks * self.block_size, device=self.device)
+        past = key_pos[None, :] >= lengths[:, None]
+        return torch.zeros(past.shape, device=self.device).masked_fill_(past, float("-inf"))[None, :, None, :]
+
+    def decode_forward(self, inputs: DecodeInputs) -> torch.Tensor:
+        """A decode step of the lean forward over `inputs` as they are (padding rows included): logits [rows, vocab].
+        No host sync and no shape read from data, so it can be captured in a graph."""
+        assert self.lean is not None
+        rows = torch.arange(inputs.ids.shape[0], device=self.device)
+        if self.flash:
+            meta = AttentionMetadata(self.kv_caches, inputs.slots, flash=self._flash_decode(inputs))
+            meta.flash_kernels = self.flash_kernels
+            return self.lean(inputs.ids, inputs.positions, rows, meta)
+        mask = None if self.native_decode else self._additive_mask(inputs.lengths, inputs.tables.shape[1])
+        decode = DecodeBatch(rows, inputs.tables, inputs.lengths, mask, every_row=True)
+        meta = AttentionMetadata(self.kv_caches, inputs.slots, [], decode)
+        return self.lean(inputs.ids, inputs.positions, rows, meta)
+
+    def _flash_decode(self, inputs: DecodeInputs) -> FlashMetadata:
+        """flash-attn's metadata of a decode step, computed on the device from the static inputs."""
+        lengths = inputs.lengths.to(torch.int32)
+        zero = torch.zeros(1, dtype=torch.int32, device=self.device)
+        width = inputs.tables.shape[1]
+        return FlashMetadata(
+            cu_seqlens_q=torch.arange(inputs.ids.shape[0] + 1, dtype=torch.int32, device=self.device),
+            cu_seqlens_k=torch.cat([zero, lengths.cumsum(0, dtype=torch.int32)]),
+            max_seqlen_q=1,
+            max_seqlen_k=width * self.block_size,
+            block_table=inputs.tables.to(torch.int32),
+            seq_lens_k=lengths,
+            decode_only=True,
+        )
+
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int, *, capture: bool = True) -> str:
+        """Capture decode graphs (see worker.cuda_graphs); `capture=False` runs them eagerly (the CPU: tests).
+        Returns what was done, for the start-up log."""
+        if self.lean is None:
+            return "decode graphs: none (the model runs transformers' forward, which may sync with the host)"
+        max_blocks = -(-max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(
+            self.decode_forward,
+            sizes=capture_sizes(max_num_seqs),
+            widths=table_widths(max_blocks, self.block_size, reads_lengths=self.native_decode or self.flash),
+            block_size=self.block_size,
+            scratch_block=self.scratch_block,
+            vocab_size=int(self.model.config.get_text_config().vocab_size),
+            device=self.device,
+            capture=capture,
+        )
+        graphs = self.graphs
+        done = f"decode graphs: batch sizes {graphs.sizes}, table widths {graphs.widths} blocks"
+        if not capture:
+            return done + ", run eagerly"
+        return done + f", captured in {graphs.capture_seconds:.1f} s, {graphs.capture_bytes / 2**20:.0f} MiB"
 
 
 def _zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -94,6 +94,8 @@ class ModelEntry(BaseModel):
     load_format: Literal["auto", "dummy"] = "auto"
     max_model_len: int | None = Field(default=None, ge=16)
     kv_cache_memory: int | None = Field(default=None, gt=0)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)  # CUDA: the share of the device's memory to use
+    cuda_graphs: bool = True  # CUDA: capture decode steps as graphs at start (off: every step eager)
     block_size: int = Field(default=16, ge=1, le=1024)
     max_num_seqs: int = Field(default=64, ge=1, le=4096)
     max_num_batched_tokens: int = Field(default=2048, ge=16)

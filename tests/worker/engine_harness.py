@@ -20,7 +20,9 @@ class Run:
     steps: list[StepOutput] = field(default_factory=list)
 
 
-def make_engine(model: PreTrainedModel, *, num_blocks: int = 256, block_size: int = 4, **kwargs: object) -> Engine:
+def make_engine(
+    model: PreTrainedModel, *, num_blocks: int | None = 256, block_size: int = 4, **kwargs: object
+) -> Engine:
     """An engine over a private copy of `model` (on the model's device), so the reference keeps HF's own attention."""
     config = model.config
     eos = config.eos_token_id if config.eos_token_id is not None else []

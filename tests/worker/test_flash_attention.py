@@ -1,19 +1,27 @@
 """The flash-attn backend's glue (metadata, store, cache layout, kernel dispatch), run on CPU against a torch model of
 the two flash-attn kernels' documented contract and checked against plain attention over contiguous K/V. One test,
-marked gpu, runs the real kernels on CUDA against the same plain attention."""
+marked gpu, runs the real kernels on CUDA against the same plain attention. Then the backend inside the model runner
+and the engine, with the same torch model of the kernels standing in for flash-attn's."""
 
 from __future__ import annotations
 
+import copy
 import random
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from tests.worker.engine_harness import make_engine, random_prompts, reference, run_all
+from tests.worker.test_llama_forward import mixed_batch
 from worker import flash_attention as fa
-from worker.flash_attention import Kernels, Span
+from worker.flash_attention import Kernels, Span, cache_shape
+from worker.messages import SamplingParams
+from worker.model_runner import BatchItem, ModelRunner
 
 
 def paged_rows(
@@ -321,3 +329,42 @@ def test_flash_attn_kernels_match_plain_attention_on_cuda(
     )
     assert step.out.dtype == torch.bfloat16
     torch.testing.assert_close(step.out.float(), step.expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def model(request: pytest.FixtureRequest) -> PreTrainedModel:
+    path: Path = request.getfixturevalue(f"tiny_{request.param}_dir")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def flash_runner(model: PreTrainedModel, kernels: ReferenceKernels, num_blocks: int) -> ModelRunner:
+    runner = ModelRunner(copy.deepcopy(model), num_blocks, block_size=4, device=torch.device("cpu"), flash=True)
+    runner.flash_kernels = kernels.kernels()
+    return runner
+
+
+def test_the_runner_over_flash_attn_kernels_computes_what_the_paged_path_does(model: PreTrainedModel) -> None:
+    kernels = ReferenceKernels()
+    flash = flash_runner(model, kernels, num_blocks=8)
+    paged = ModelRunner(copy.deepcopy(model), 8, block_size=4, device=torch.device("cpu"), flash=False)
+    assert flash.kv_caches[0][0].shape == cache_shape(9, 4, *flash.kv_caches[0][0].shape[2:])  # 8 + scratch
+    steps = mixed_batch(flash, int(model.config.vocab_size))
+    steps.append([BatchItem([7], 10, [0, 1, 2], True), BatchItem([8], 12, [4, 5, 6, 7], True)])  # decodes only
+    for step in steps:
+        torch.testing.assert_close(flash.execute(step), paged.execute(step), rtol=1e-5, atol=1e-5)
+    layers = int(model.config.num_hidden_layers)
+    assert kernels.calls == ["varlen"] * 2 * layers + ["with_kvcache"] * layers
+    assert "flash-attn" in flash.describe()
+
+
+def test_an_engine_over_flash_attn_kernels_with_decode_graphs_equals_generate(model: PreTrainedModel) -> None:
+    prompts = random_prompts(int(model.config.vocab_size), [1, 3, 7, 12, 16, 23])
+    engine = make_engine(model, max_num_seqs=6)
+    kernels = ReferenceKernels()
+    engine.runner = flash_runner(model, kernels, engine.block_manager.num_blocks)
+    engine.runner.capture_decode_graphs(max_num_seqs=6, max_model_len=engine.max_model_len, capture=False)
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    got = run_all(engine, prompts, params).tokens
+    assert got == {rid: reference(model, prompt, params.max_tokens) for rid, prompt in prompts.items()}
+    assert engine.runner.graphs is not None and engine.runner.graphs.replays > 5
+    assert {"varlen", "with_kvcache"} <= set(kernels.calls)

@@ -137,3 +137,12 @@ def test_sizes(text: str, size: int) -> None:
 def test_bad_size(tmp_path: Path) -> None:
     message = error_of(write(tmp_path, [{"name": "s", "source": "/x", "kv_cache_memory": "lots"}]))
     assert "field 'kv_cache_memory'" in message and "'512MiB'" in message
+
+
+def test_gpu_memory_utilization_is_a_share(tmp_path: Path) -> None:
+    entry = load_registry(write(tmp_path, [{"name": "s", "source": "/x"}])).models[0]
+    assert entry.gpu_memory_utilization == 0.9 and entry.cuda_graphs
+    for bad in (0, 1.5, -0.2):
+        message = error_of(write(tmp_path, [{"name": "s", "source": "/x", "gpu_memory_utilization": bad}]))
+        assert "field 'gpu_memory_utilization'" in message
+
