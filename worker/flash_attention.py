@@ -142,7 +142,9 @@ def build_metadata(
     lens = [cu_k[i + 1] - cu_k[i] for i in range(batch)]
     flat = [block for t in tables for block in t + [0] * (width - len(t))]
     # one host-to-device copy for all four tensors
-    packed = torch.tensor(cu_q + cu_k + lens + flat, dtype=torch.int32, device=device)
+    on_cuda = torch.device(device).type == "cuda"
+    packed = torch.tensor(cu_q + cu_k + lens + flat, dtype=torch.int32, pin_memory=on_cuda)
+    packed = packed.to(device, non_blocking=True)  # from pinned memory: the host goes on while it copies
     cu_seqlens_q, cu_seqlens_k, seq_lens_k, table_flat = torch.split(
         packed, [batch + 1, batch + 1, batch, batch * width]
     )

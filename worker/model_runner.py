@@ -150,9 +150,10 @@ class ModelRunner:
             else:
                 prefills.append(self._prefill_span(start, n, first, table))
 
+        ids, pos, slot_mapping, keep_t = self._to_device([input_ids, positions, slots, keep])
         meta = AttentionMetadata(
             kv_caches=self.kv_caches,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            slot_mapping=slot_mapping,
             prefills=prefills,
             decode=self._decode_batch(decode_rows, decode_items, len(input_ids)) if decode_items else None,
         )
@@ -160,9 +161,6 @@ class ModelRunner:
             spans = [Span(len(i.token_ids), i.num_computed + len(i.token_ids), i.block_table) for i in items]
             meta.flash = flash_attention.build_metadata(spans, bs, self.device)
             meta.flash_kernels = self.flash_kernels
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        keep_t = torch.tensor(keep, dtype=torch.long, device=self.device)
         if self.lean is not None:
             return self.lean(ids, pos, keep_t, meta).float()
         out = self.model(
@@ -174,6 +172,15 @@ class ModelRunner:
         )
         logits: torch.Tensor = out.logits[0]
         return logits.float()
+
+    def _to_device(self, lists: list[list[int]]) -> list[torch.Tensor]:
+        """Long tensors of `lists` on the device, in one copy: on CUDA from pinned memory, without waiting for it."""
+        flat = [value for values in lists for value in values]
+        if self.device.type == "cpu":
+            packed = torch.tensor(flat, dtype=torch.long)
+        else:
+            packed = torch.tensor(flat, dtype=torch.long, pin_memory=True).to(self.device, non_blocking=True)
+        return list(torch.split(packed, [len(values) for values in lists]))
 
     def _prefill_span(self, start: int, q_len: int, num_computed: int, table: list[int]) -> PrefillSpan:
         ctx_len = num_computed + q_len
