@@ -36,6 +36,14 @@ class SamplerOutput:
     logprobs: list[SampleLogprobs | None]  # None for rows whose params.logprobs is None
 
 
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. To CUDA from pinned memory, without blocking: a copy from pageable memory first
+    waits for all the device's queued work, and the sampler must not sync with the device before its tokens are due."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _flat_keys(seqs: Sequence[Sequence[int]], row_ids: Sequence[int], vocab: int, device: torch.device) -> torch.Tensor:
     """`row * vocab + token` keys into a flattened [rows, vocab] tensor; out-of-vocabulary ids are dropped,
     so a bad id never crashes a step. Touching only these keys keeps each stage O(tokens), not O(rows * vocab)."""
@@ -43,11 +51,11 @@ def _flat_keys(seqs: Sequence[Sequence[int]], row_ids: Sequence[int], vocab: int
     rows = torch.repeat_interleave(torch.tensor(row_ids, dtype=torch.long), torch.tensor([len(s) for s in seqs]))
     ok = (tokens >= 0) & (tokens < vocab)
     keys = rows * vocab + tokens
-    return (keys if bool(ok.all()) else keys[ok]).to(device)
+    return _to_device(keys if bool(ok.all()) else keys[ok], device)
 
 
 def _per_row(values: Sequence[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return _to_device(torch.tensor(values, dtype=torch.float32), device)
 
 
 def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
@@ -71,7 +79,7 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SampleInput]) -> torch.T
         items = [(i * vocab + t, b) for i in bias for t, b in rows[i].params.logit_bias.items() if 0 <= t < vocab]
         if items:
             bias_keys, bias_values = zip(*items, strict=True)
-            flat.index_add_(0, torch.tensor(bias_keys, device=device), _per_row(bias_values, device))
+            flat.index_add_(0, _to_device(torch.tensor(bias_keys), device), _per_row(bias_values, device))
     if suppress:
         flat.index_fill_(
             0, _flat_keys([rows[i].suppress_token_ids for i in suppress], suppress, vocab, device), _NEG_INF
@@ -84,13 +92,15 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SampleInput]) -> torch.T
         flat[keys] = torch.where(seen > 0, seen / penalty, seen * penalty)
     if frequency:
         outputs = [rows[i].output_token_ids for i in frequency]
-        keys, counts = torch.unique(_flat_keys(outputs, frequency, vocab, device), return_counts=True)
+        # unique on the host: its output's size depends on the data, which on a device means waiting for it
+        keys, counts = torch.unique(_flat_keys(outputs, frequency, vocab, torch.device("cpu")), return_counts=True)
+        keys, counts = _to_device(keys, device), _to_device(counts, device)
         frequency_penalty = _per_row([r.params.frequency_penalty for r in rows], device)[keys // vocab]
         presence_penalty = _per_row([r.params.presence_penalty for r in rows], device)[keys // vocab]
         flat[keys] = flat[keys] - (frequency_penalty * counts + presence_penalty)  # every key here has count > 0
     if masks:
         grammar = [i for i, _ in masks]
-        allowed = torch.stack([mask for _, mask in masks]).to(device)
+        allowed = _to_device(torch.stack([mask for _, mask in masks]), device)
         x[grammar] = x[grammar].masked_fill(~allowed, _NEG_INF)
     return x
 
@@ -101,7 +111,7 @@ def filter_logits(
     """Per-row top_k (<= 0: off), then top_p, then min_p, as -inf in a new tensor. One sort serves all three; the
     most likely token always survives, so a row with any finite logit keeps at least one."""
     vocab, device = logits.shape[-1], logits.device
-    k = torch.tensor([v if 0 < v < vocab else vocab for v in top_k], device=device)
+    k = _to_device(torch.tensor([v if 0 < v < vocab else vocab for v in top_k]), device)
     # top_p == 1 means off; float rounding in the cumulative sum would otherwise clip the far tail.
     p = _column([v if v < 1.0 else math.inf for v in top_p], device)
     values, order = logits.sort(dim=-1, descending=True)
@@ -133,21 +143,30 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SampleInput]) -> SamplerOutput:
         raw = logits.float()
+        tokens = self.choose(raw, rows)
+        token_ids: list[int] = tokens.tolist()  # the one wait for the device
+        return SamplerOutput(token_ids, _logprobs(raw, tokens, token_ids, rows))
+
+    def choose(self, raw: torch.Tensor, rows: Sequence[SampleInput]) -> torch.Tensor:
+        """One token per row from float32 logits, left on their device: on CUDA only queued work, no host sync."""
         x = process_logits(raw, rows)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         tokens = native.argmax(x)
-        if x is not raw or sampled:
-            chosen = x.gather(1, tokens[:, None])[:, 0]
-            if sampled:
-                subset = x if len(sampled) == len(rows) else x[sampled]
-                sub_tokens, sub_chosen = self._sample_rows(subset, [rows[i] for i in sampled])
-                tokens[sampled], chosen[sampled] = sub_tokens, sub_chosen
-            # A row with nothing left (every logit -inf) would yield a banned or NaN pick; the raw argmax is safer.
-            dead = ~(chosen > _NEG_INF)
-            if bool(dead.any()):
-                tokens = torch.where(dead, native.argmax(raw), tokens)
-        token_ids: list[int] = tokens.tolist()
-        return SamplerOutput(token_ids, _logprobs(raw, tokens, token_ids, rows))
+        if x is raw and not sampled:
+            return tokens
+        chosen = x.gather(1, tokens[:, None])[:, 0]
+        if sampled:
+            index = _to_device(torch.tensor(sampled), x.device)
+            subset = x if len(sampled) == len(rows) else x.index_select(0, index)
+            sub_tokens, sub_chosen = self._sample_rows(subset, [rows[i] for i in sampled])
+            tokens.index_copy_(0, index, sub_tokens)
+            chosen.index_copy_(0, index, sub_chosen)
+        # A row with nothing left (every logit -inf) would yield a banned or NaN pick; the raw argmax is safer.
+        dead = ~(chosen > _NEG_INF)
+        # on a device, no host sync before the tokens' own: the fallback is applied whether needed or not
+        if x.device.type != "cpu" or bool(dead.any()):
+            tokens = torch.where(dead, native.argmax(raw), tokens)
+        return tokens
 
     def _sample_rows(self, x: torch.Tensor, rows: Sequence[SampleInput]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token and its filtered logit per row. Exponential race: argmax(p / q), q ~ Exp(1), draws from p."""
@@ -158,7 +177,7 @@ class Sampler:
             x = filter_logits(x, [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params])
         # One CPU draw per row from that row's generator keeps seeded rows independent of the batch.
         noise = torch.stack([torch.empty(vocab).exponential_(generator=self._generator_for(r)) for r in rows])
-        noise = noise.clamp_min_(torch.finfo(torch.float32).tiny).to(x.device)  # q == 0 would turn p == 0 into NaN
+        noise = _to_device(noise.clamp_min_(torch.finfo(torch.float32).tiny), x.device)  # q == 0: p == 0 gives NaN
         tokens = native.argmax(x.softmax(dim=-1) / noise)
         return tokens, x.gather(1, tokens[:, None])[:, 0]
 

@@ -247,3 +247,27 @@ def test_tiny_temperature_acts_like_greedy() -> None:
     logits = random_logits(8)
     tokens = Sampler().sample(logits, [row(temperature=1e-38) for _ in range(8)]).token_ids
     assert tokens == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_nothing_before_the_tokens_waits_for_the_device() -> None:
+    """Every stage up to the tokens' own copy to the host queues work without a sync (CUDA's sync debug mode raises
+    at any), then the tokens match the same rows sampled on the CPU."""
+    logits = random_logits(6, vocab=1000)
+    rows = [
+        row("a", prompt=[1, 2, 3], output=[4, 4], repetition_penalty=1.3, frequency_penalty=0.5, seed=1),
+        row("b", output=[5], presence_penalty=0.7, logit_bias={7: 5.0}, top_k=20, seed=2),
+        row("c", suppress=[9, 10], top_p=0.8, min_p=0.05, temperature=0.7, seed=3),
+        row("d", temperature=0.0),
+        row("e", top_k=1, seed=4),
+        row("f", temperature=1.5, seed=5),
+    ]
+    cuda = logits.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = Sampler().choose(cuda, rows)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert tokens.tolist() == Sampler().choose(logits, rows).tolist()
