@@ -9,7 +9,8 @@ scratch block no sequence owns, attending to that block alone.
 
 Attention that reads each sequence's length (flash-attn, the CPU kernel) is captured at one table width, the model's
 longest context. Attention over gathered blocks reads every block of the table, so it is captured at a few widths
-(each four times the last) and a step replays the narrowest that holds its longest sequence.
+(each four times the last), only as far as the rows times the width stay within a bound on gathered tokens, and a
+step replays the narrowest that holds its longest sequence; wider steps run eagerly.
 """
 
 from __future__ import annotations
@@ -84,13 +85,21 @@ class DecodeGraphs:
         vocab_size: int,
         device: torch.device,
         capture: bool = True,
+        max_gathered_tokens: int | None = None,
     ) -> None:
+        """`max_gathered_tokens`: capture no graph whose rows times table width (in tokens) exceed it."""
         self.forward = forward
         self.sizes = sorted(sizes)
         self.widths = sorted(widths)
         self.block_size = block_size
         self.scratch_block = scratch_block
         self.device = device
+        self.shapes = [
+            (size, width)
+            for size in self.sizes
+            for width in self.widths
+            if max_gathered_tokens is None or size * width * block_size <= max_gathered_tokens
+        ]
         rows, width = self.sizes[-1], self.widths[-1]
         self.inputs = DecodeInputs(
             torch.zeros(rows, dtype=torch.long, device=device),
@@ -111,9 +120,8 @@ class DecodeGraphs:
         if capture:
             self._capture()
         else:
-            for size in self.sizes:
-                for width in self.widths:
-                    self._replays[size, width] = self._eager(size, width)
+            for size, width in self.shapes:
+                self._replays[size, width] = self._eager(size, width)
 
     def _eager(self, size: int, width: int) -> Callable[[], None]:
         view = self.inputs.view(size, width)
@@ -130,18 +138,17 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         self._pad(0, self.sizes[-1], self.widths[-1])
         # Largest first: later, smaller graphs reuse the pool's memory.
-        for size in reversed(self.sizes):
-            for width in reversed(self.widths):
-                eager = self._eager(size, width)
-                side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    eager()  # warm-up outside the graph: lazy initializations and allocator growth
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    eager()
-                self._replays[size, width] = graph.replay
+        for size, width in reversed(self.shapes):
+            eager = self._eager(size, width)
+            side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                eager()  # warm-up outside the graph: lazy initializations and allocator growth
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                eager()
+            self._replays[size, width] = graph.replay
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - start
         self.capture_bytes = torch.cuda.memory_reserved(self.device) - before
@@ -158,7 +165,9 @@ class DecodeGraphs:
         """The captured (size, width) a batch of `batch` rows whose longest table has `blocks` blocks replays."""
         size = next((s for s in self.sizes if s >= batch), None)
         width = next((w for w in self.widths if w >= blocks), None)
-        return None if size is None or width is None else (size, width)
+        if size is None or width is None or (size, width) not in self._replays:
+            return None
+        return size, width
 
     def run(
         self, tokens: Sequence[int], positions: Sequence[int], tables: Sequence[Sequence[int]]

@@ -40,6 +40,9 @@ def kv_bytes_per_token(model: PreTrainedModel, dtype: torch.dtype) -> int:
 # whose matrix products win once a span attends to hundreds of keys per row.
 SHORT_PREFILL = 64
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
+# Decode graphs over attention that gathers whole block tables: the most K/V a captured step may gather per layer.
+# Beyond it (many rows of long tables) the step runs eagerly over its own longest table, not the captured width.
+GATHERED_BYTES_PER_LAYER = 256 << 20
 
 
 def flash_backend_fits(device: torch.device, dtype: torch.dtype, block_size: int) -> bool:
@@ -254,18 +257,22 @@ class ModelRunner:
         if self.lean is None:
             return "decode graphs: none (the model runs transformers' forward, which may sync with the host)"
         max_blocks = -(-max_model_len // self.block_size)
+        reads_lengths = self.native_decode or self.flash
+        _, kv_heads, head_dim = _kv_shape(self.model)
+        gathered_bytes = 2 * kv_heads * head_dim * torch.empty((), dtype=self.dtype).element_size()  # K and V
         self.graphs = DecodeGraphs(
             self.decode_forward,
             sizes=capture_sizes(max_num_seqs),
-            widths=table_widths(max_blocks, self.block_size, reads_lengths=self.native_decode or self.flash),
+            widths=table_widths(max_blocks, self.block_size, reads_lengths=reads_lengths),
             block_size=self.block_size,
             scratch_block=self.scratch_block,
             vocab_size=int(self.model.config.get_text_config().vocab_size),
             device=self.device,
             capture=capture,
+            max_gathered_tokens=None if reads_lengths else GATHERED_BYTES_PER_LAYER // gathered_bytes,
         )
         graphs = self.graphs
-        done = f"decode graphs: batch sizes {graphs.sizes}, table widths {graphs.widths} blocks"
+        done = f"decode graphs: {len(graphs.shapes)} of batch sizes {graphs.sizes}, table widths {graphs.widths} blocks"
         if not capture:
             return done + ", run eagerly"
         return done + f", captured in {graphs.capture_seconds:.1f} s, {graphs.capture_bytes / 2**20:.0f} MiB"

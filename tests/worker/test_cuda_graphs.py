@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from tests.worker.engine_harness import make_engine, random_prompts, reference, run_all
-from worker.cuda_graphs import capture_sizes, table_widths
+from worker.cuda_graphs import DecodeGraphs, DecodeInputs, capture_sizes, table_widths
 from worker.messages import SamplingParams
 from worker.model_runner import BatchItem, ModelRunner
 
@@ -35,6 +35,28 @@ def test_the_ladders() -> None:
     assert table_widths(256, 16, reads_lengths=False) == [16, 64, 256]
     assert table_widths(300, 16, reads_lengths=False) == [16, 64, 256, 300]
     assert table_widths(10, 16, reads_lengths=False) == [10]
+
+
+def test_graphs_that_would_gather_too_much_are_not_captured() -> None:
+    def forward(inputs: DecodeInputs) -> torch.Tensor:
+        return torch.zeros(inputs.ids.shape[0], 10)
+
+    graphs = DecodeGraphs(
+        forward,
+        sizes=[1, 8, 64],
+        widths=[16, 64, 256],
+        block_size=16,
+        scratch_block=0,
+        vocab_size=10,
+        device=torch.device("cpu"),
+        capture=False,
+        max_gathered_tokens=64 * 16 * 16,  # 64 rows of 16 blocks
+    )
+    assert graphs.shapes == [(1, 16), (1, 64), (1, 256), (8, 16), (8, 64), (64, 16)]
+    assert graphs.fits(40, 10) == (64, 16)
+    assert graphs.fits(40, 17) is None  # 64 rows of 64 blocks: eager
+    assert graphs.fits(5, 17) == (8, 64)
+    assert graphs.fits(65, 1) is None
 
 
 def prefilled(model: PreTrainedModel, device: torch.device, native: bool) -> ModelRunner:
