@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks in one run, on a GPU machine without network, from the repository root:
-#   loadtests/gpu/check.sh OUT_DIR [WHEELS_DIR]
-# installs what the machine's Python lacks from WHEELS_DIR (made by loadtests/gpu/wheels.sh; default wheels/), then
-# runs the tests marked gpu, and writes what it saw to OUT_DIR: device.txt, install.txt, pytest_gpu.txt, and
-# summary.txt (one line a step with its exit status). A step that fails does not stop the later ones.
+#   loadtests/gpu_check.sh OUT_DIR [WHEELS_DIR]
+# installs what the machine's Python lacks from WHEELS_DIR (made by loadtests/gpu/wheels.sh; default wheels/), runs
+# the tests marked gpu, then the benchmark (loadtests.gpu.bench, about 5 minutes), and writes what it saw to OUT_DIR:
+# device.txt, install.txt, pytest_gpu.txt, bench.txt and bench/ (bench.json, bench.md), and summary.txt (one line a
+# step with its exit status). A step that fails does not stop the later ones.
 set -uo pipefail
-out=${1:?usage: loadtests/gpu/check.sh OUT_DIR [WHEELS_DIR]}
+out=${1:?usage: loadtests/gpu_check.sh OUT_DIR [WHEELS_DIR]}
 wheels=${2:-wheels}
 mkdir -p "$out"
 summary="$out/summary.txt"
@@ -25,7 +26,9 @@ step device "$out/device.txt" bash -c 'nvidia-smi; python -c "import sys, torch;
 print(torch.__version__, torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"'
 if [ -d "$wheels" ]; then
     step install "$out/install.txt" python -m pip install --no-index --find-links "$wheels" \
-        msgspec pydantic llguidance gguf fastapi uvicorn pytest pytest-timeout
+        msgspec pydantic llguidance gguf fastapi uvicorn pytest pytest-timeout bitsandbytes
 fi
 step tests "$out/pytest_gpu.txt" env PYTHONPATH="$PWD" python -m pytest -m gpu -q -p no:cacheprovider tests/worker/test_gpu.py
+# bounded here as well as by its own --time-limit (after which it starts nothing new), so the summary always comes
+step bench "$out/bench.txt" env PYTHONPATH="$PWD" timeout 360 python -m loadtests.gpu.bench --out "$out/bench"
 cat "$summary"

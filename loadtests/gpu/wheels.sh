@@ -14,4 +14,7 @@ done
 # gguf alone: its dependencies (numpy, pyyaml, tqdm) come with torch and transformers there, and numpy for three
 # Pythons would be most of the carry's 64 MiB
 python -m pip download --quiet --no-deps --dest "$dir" gguf
+# bitsandbytes (quantization int8, nf4, fp4): one wheel for every Python (py3-none), 43 MB; torch and numpy are there
+python -m pip download --quiet --no-deps --only-binary=:all: --platform manylinux_2_24_x86_64 --dest "$dir" \
+    bitsandbytes
 du -sh "$dir"
