@@ -23,12 +23,14 @@ step() {  # step NAME LOG COMMAND...: run, keep its output in LOG, note its exit
 }
 
 step device "$out/device.txt" bash -c 'nvidia-smi; python -c "import sys, torch; print(sys.version); \
-print(torch.__version__, torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"'
+print(torch.__version__, torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name()); \
+from worker import flash_attention; print(\"flash-attn:\", flash_attention.installed_version())"'
 if [ -d "$wheels" ]; then
     step install "$out/install.txt" python -m pip install --no-index --find-links "$wheels" \
         msgspec pydantic llguidance gguf fastapi uvicorn pytest pytest-timeout bitsandbytes
 fi
-step tests "$out/pytest_gpu.txt" env PYTHONPATH="$PWD" python -m pytest -m gpu -q -p no:cacheprovider tests/worker/test_gpu.py
+step tests "$out/pytest_gpu.txt" env PYTHONPATH="$PWD" timeout 240 python -m pytest -m gpu -q -p no:cacheprovider -rs \
+    tests/worker
 # bounded here as well as by its own --time-limit (after which it starts nothing new), so the summary always comes
 step bench "$out/bench.txt" env PYTHONPATH="$PWD" timeout 360 python -m loadtests.gpu.bench --out "$out/bench"
 cat "$summary"
