@@ -58,20 +58,25 @@ def run_all(engine: Engine, prompts: dict[str, list[int]], params: SamplingParam
     return drain(engine)
 
 
-def reference(model: PreTrainedModel, prompt: list[int], max_tokens: int) -> list[int]:
-    """transformers' own greedy `generate`, one prompt at a time (no padding), on the model's device."""
+def greedy_generate(model: PreTrainedModel, prompt: list[int], max_tokens: int, **kwargs: Any) -> Any:
+    """transformers' own greedy `generate` of one prompt (no padding) on the model's device; `kwargs` go to it."""
     eos = model.config.eos_token_id
     device = next(model.parameters()).device
     with torch.inference_mode():
-        out = cast(Any, model).generate(
+        return cast(Any, model).generate(
             torch.tensor([prompt], device=device),
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
             max_new_tokens=max_tokens,
             do_sample=False,
             eos_token_id=eos,
             pad_token_id=eos if isinstance(eos, int) else 0,
+            **kwargs,
         )
-    return [int(t) for t in out[0, len(prompt) :]]
+
+
+def reference(model: PreTrainedModel, prompt: list[int], max_tokens: int) -> list[int]:
+    """The tokens of transformers' greedy `generate`, one prompt at a time (no padding), on the model's device."""
+    return [int(t) for t in greedy_generate(model, prompt, max_tokens)[0, len(prompt) :]]
 
 
 def random_prompts(

@@ -10,14 +10,14 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from tests.conftest import tiny_entry
-from tests.worker.engine_harness import drain, make_engine, random_prompts, reference, run_all
+from tests.worker.engine_harness import drain, greedy_generate, make_engine, random_prompts, reference, run_all
 from worker.engine import Engine
 from worker.loader import load_model
 from worker.messages import SamplingParams
@@ -55,19 +55,7 @@ def load_tiny(path: Path, dtype: torch.dtype, device: torch.device) -> PreTraine
 
 def reference_with_logprobs(model: PreTrainedModel, prompt: list[int], max_tokens: int) -> Reference:
     """transformers' own greedy `generate`, one prompt at a time (no padding), keeping the raw logits of each step."""
-    eos = model.config.eos_token_id
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        out = cast(Any, model).generate(
-            torch.tensor([prompt], device=device),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
-            max_new_tokens=max_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=eos if isinstance(eos, int) else 0,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+    out = greedy_generate(model, prompt, max_tokens, output_logits=True, return_dict_in_generate=True)
     tokens = [int(t) for t in out.sequences[0, len(prompt) :]]
     logprobs = torch.stack([step[0] for step in out.logits]).float().log_softmax(dim=-1).cpu()
     assert logprobs.shape[0] == len(tokens)
