@@ -251,6 +251,7 @@ class ModelRunner:
             decode_only=True,
         )
 
+    @torch.inference_mode()
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int, *, capture: bool = True) -> str:
         """Capture decode graphs (see worker.cuda_graphs); `capture=False` runs them eagerly (the CPU: tests).
         Returns what was done, for the start-up log."""
