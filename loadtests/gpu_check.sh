@@ -2,7 +2,8 @@
 # The GPU checks in one run, on a GPU machine without network, from the repository root:
 #   loadtests/gpu_check.sh OUT_DIR [WHEELS_DIR]
 # installs what the machine's Python lacks from WHEELS_DIR (made by loadtests/gpu/wheels.sh; default wheels/), runs
-# the tests marked gpu, then the benchmark (loadtests.gpu.bench, about 5 minutes), and writes what it saw to OUT_DIR:
+# the tests marked gpu (at most 3 minutes), then the benchmark (loadtests.gpu.bench, at most 5.5 minutes; the whole fits
+# a 10-minute command), and writes what it saw to OUT_DIR:
 # device.txt, install.txt, pytest_gpu.txt, bench.txt and bench/ (bench.json, bench.md), and summary.txt (one line a
 # step with its exit status). A step that fails does not stop the later ones.
 set -uo pipefail
@@ -29,8 +30,9 @@ if [ -d "$wheels" ]; then
     step install "$out/install.txt" python -m pip install --no-index --find-links "$wheels" \
         msgspec pydantic llguidance gguf fastapi uvicorn pytest pytest-timeout bitsandbytes
 fi
-step tests "$out/pytest_gpu.txt" env PYTHONPATH="$PWD" timeout 240 python -m pytest -m gpu -q -p no:cacheprovider -rs \
+step tests "$out/pytest_gpu.txt" env PYTHONPATH="$PWD" timeout 180 python -m pytest -m gpu -q -p no:cacheprovider -rs \
     tests/worker
 # bounded here as well as by its own --time-limit (after which it starts nothing new), so the summary always comes
-step bench "$out/bench.txt" env PYTHONPATH="$PWD" timeout 360 python -m loadtests.gpu.bench --out "$out/bench"
+step bench "$out/bench.txt" env PYTHONPATH="$PWD" timeout 330 python -m loadtests.gpu.bench --out "$out/bench" \
+    --time-limit 240
 cat "$summary"
