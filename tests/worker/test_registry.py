@@ -145,4 +145,3 @@ def test_gpu_memory_utilization_is_a_share(tmp_path: Path) -> None:
     for bad in (0, 1.5, -0.2):
         message = error_of(write(tmp_path, [{"name": "s", "source": "/x", "gpu_memory_utilization": bad}]))
         assert "field 'gpu_memory_utilization'" in message
-
