@@ -151,3 +151,22 @@ def test_an_engine_on_cuda_with_captured_graphs_equals_generate(model: PreTraine
     got = run_all(engine, prompts, GREEDY).tokens
     assert got == {rid: reference(on_device, prompt, GREEDY.max_tokens) for rid, prompt in prompts.items()}
     assert engine.runner.graphs.replays > GREEDY.max_tokens // 2
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["length-reading-attention", "gathered-blocks-attention"])
+def test_decode_graphs_under_preemption_and_prefix_hits_equal_generate(model: PreTrainedModel, native: bool) -> None:
+    """Requests preempted and recomputed, prefixes taken from the cache, batches shrinking as requests end: every
+    decode step of whatever size replays a padded graph, and the outputs stay generate's."""
+    vocab = int(model.config.vocab_size)
+    shared = random_prompts(vocab, [12], seed=7)["r0"]
+    prompts = random_prompts(vocab, [3, 9, 17, 30, 5, 21, 40, 1], seed=8, prefix=shared)
+    engine = make_engine(model, num_blocks=24, block_size=4, max_num_seqs=8)  # 96 slots for 8 requests of up to 72
+    engine.runner.native_decode = engine.runner.native_decode and native
+    engine.runner.capture_decode_graphs(max_num_seqs=8, max_model_len=engine.max_model_len, capture=False)
+    params = SamplingParams(max_tokens=20, temperature=0.0)
+    run = run_all(engine, prompts, params)
+    assert run.tokens == {rid: reference(model, prompt, params.max_tokens) for rid, prompt in prompts.items()}
+    stats = run.steps[-1].stats
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+    assert engine.runner.graphs is not None and engine.runner.graphs.replays > 10
+    assert engine.block_manager.num_used_blocks == 0
