@@ -1,7 +1,8 @@
-"""FlashAttention 2 over the paged KV cache, for CUDA when the `flash_attn` package is installed.
+"""FlashAttention 2 over the paged KV cache, on CUDA: the `flash_attn` package's kernels where it is installed, else
+torch's own varlen attention where it takes a paged cache (`torch.nn.attention.varlen`, torch 2.12 and later).
 
-The glue between our packed batches and flash-attn's two paged kernels: the cache layout they read, the metadata
-they take, the in-place store of new K/V, and which kernel serves a step. flash_attn itself is imported lazily.
+The glue between our packed batches and the two paged kernels: the cache layout they read, the metadata they take,
+the in-place store of new K/V, and which kernel serves a step. Kernels are imported lazily.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -98,14 +100,110 @@ def installed_version() -> str:
         return "(not installed)"
 
 
+def torch_paged_available() -> bool:
+    """torch's varlen attention takes a paged cache (a block_table: torch 2.12 and later); it runs on CUDA only."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    return "block_table" in inspect.signature(varlen_attn).parameters
+
+
+def kernel_source() -> str | None:
+    """Who provides the kernels here: flash-attn where installed, else torch where its varlen attention pages."""
+    if available():
+        return f"flash-attn {installed_version()}"
+    if torch_paged_available():
+        return f"torch {torch.__version__} varlen_attn"
+    return None
+
+
 @functools.cache
 def flash_kernels() -> Kernels:
-    """flash_attn's two kernels, imported on first use."""
-    try:
+    """The two kernels: flash_attn's, else torch's (see `kernel_source`), imported on first use."""
+    if available():
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
-    except ImportError as exc:
-        raise RuntimeError(f"the flash-attn backend needs flash-attn>={MIN_VERSION} with its CUDA kernels") from exc
-    return Kernels(flash_attn_varlen_func, flash_attn_with_kvcache)
+
+        return Kernels(flash_attn_varlen_func, flash_attn_with_kvcache)
+    if torch_paged_available():
+        return torch_kernels()
+    raise RuntimeError(
+        f"the flash-attn backend needs flash-attn>={MIN_VERSION} with its CUDA kernels, or torch 2.12 or later"
+    )
+
+
+def torch_kernels() -> Kernels:
+    """flash-attn's two kernels' contract served by `torch.nn.attention.varlen.varlen_attn` over the same paged
+    cache: causal is its window (-1, 0), aligned to the bottom right like flash-attn's; it takes the context lengths
+    as `seqused_k`, which a decode computes on the device from its own inputs (no host sync, graph-safe)."""
+    from torch.nn.attention import varlen
+
+    def run(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        seq_lens_k: torch.Tensor,
+        block_table: torch.Tensor,
+        scale: float,
+        causal: bool,
+    ) -> torch.Tensor:
+        out = varlen.varlen_attn(
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            scale=scale,
+            window_size=(-1, 0) if causal else (-1, -1),
+            enable_gqa=True,
+            seqused_k=seq_lens_k,
+            block_table=block_table,
+        )
+        assert isinstance(out, torch.Tensor)  # no auxiliary outputs were asked for
+        return out
+
+    def torch_varlen(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        *,
+        softmax_scale: float,
+        causal: bool,
+        block_table: torch.Tensor,
+    ) -> torch.Tensor:
+        lengths = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+        args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, lengths, block_table, softmax_scale, causal)
+        return run(q, k, v, *args)
+
+    def torch_with_kvcache(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        *,
+        cache_seqlens: torch.Tensor,
+        block_table: torch.Tensor,
+        softmax_scale: float,
+        causal: bool,
+    ) -> torch.Tensor:
+        batch, rows = q.shape[0], q.shape[1]
+        cu_q = torch.arange(0, (batch + 1) * rows, rows, dtype=torch.int32, device=q.device)
+        zero = torch.zeros(1, dtype=torch.int32, device=q.device)
+        cu_k = torch.cat([zero, cache_seqlens.cumsum(0, dtype=torch.int32)])
+        widest = block_table.shape[1] * k_cache.shape[1]  # a bound fixed by the shapes: the same in every replay
+        args = (cu_q, cu_k, rows, widest, cache_seqlens, block_table, softmax_scale, causal)
+        return run(q.flatten(0, 1), k_cache, v_cache, *args).view(q.shape)
+
+    return Kernels(torch_varlen, torch_with_kvcache)
 
 
 def cache_shape(num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:

@@ -48,7 +48,7 @@ GATHERED_BYTES_PER_LAYER = 256 << 20
 def flash_backend_fits(device: torch.device, dtype: torch.dtype, block_size: int) -> bool:
     """Whether flash-attn serves attention: on CUDA, installed, in fp16/bf16, over blocks it can page."""
     fits = device.type == "cuda" and dtype in FLASH_DTYPES and block_size % flash_attention.PAGE_MULTIPLE == 0
-    return fits and flash_attention.available()
+    return fits and flash_attention.kernel_source() is not None
 
 
 class ModelRunner:
@@ -103,8 +103,8 @@ class ModelRunner:
             layer_ops = "native layer kernels" if self.lean.fused else "torch ops"
             forward = f"lean Llama forward ({layer_ops}; projections: {self.lean.projections()})"
         if self.flash:
-            version = flash_attention.installed_version()
-            attn = f"flash-attn {version} (varlen and kvcache kernels) over pages of {self.block_size} tokens"
+            source = flash_attention.kernel_source() if self.flash_kernels is None else "given kernels"
+            attn = f"flash-attention ({source}) over pages of {self.block_size} tokens"
             return f"{forward}; attention: {attn}; {self.dtype} on {self.device}"
         decode = "native kernel over the paged cache" if self.native_decode else "torch matmuls over gathered blocks"
         prefill = (

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import varlen as torch_varlen
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from tests.worker.engine_harness import make_engine, random_prompts, reference, run_all
@@ -297,13 +298,104 @@ def test_real_kernels_need_pages_of_256() -> None:
 
 
 @pytest.mark.skipif(fa.available(), reason="flash-attn is installed here")
-def test_without_flash_attn_the_backend_says_so_and_imports_nothing() -> None:
+def test_without_flash_attn_torch_serves_else_the_backend_says_what_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not fa.available()
     assert "flash_attn" not in sys.modules
-    meta = fa.build_metadata([(1, 1, [0])], block_size=256, device="cpu")
-    cache = torch.zeros(fa.cache_shape(1, 256, 1, 8), dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="flash-attn"):
-        fa.attend(torch.zeros(1, 1, 8, dtype=torch.float16), cache, cache, meta, 1.0)
+    assert fa.torch_paged_available(), "torch 2.12 and later page their varlen attention"
+    assert fa.kernel_source() == f"torch {torch.__version__} varlen_attn"
+    monkeypatch.setattr(fa, "torch_paged_available", lambda: False)
+    fa.flash_kernels.cache_clear()
+    try:
+        assert fa.kernel_source() is None
+        meta = fa.build_metadata([(1, 1, [0])], block_size=256, device="cpu")
+        cache = torch.zeros(fa.cache_shape(1, 256, 1, 8), dtype=torch.float16)
+        with pytest.raises(RuntimeError, match="flash-attn"):
+            fa.attend(torch.zeros(1, 1, 8, dtype=torch.float16), cache, cache, meta, 1.0)
+    finally:
+        fa.flash_kernels.cache_clear()
+
+
+@dataclass
+class ReferenceVarlen:
+    """torch.nn.attention.varlen.varlen_attn's documented contract over a paged cache, in plain torch."""
+
+    calls: int = 0
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cu_seq_q: torch.Tensor,
+        cu_seq_k: torch.Tensor | None,
+        max_q: int,
+        max_k: int,
+        *,
+        scale: float | None = None,
+        window_size: tuple[int, int] = (-1, -1),
+        enable_gqa: bool = False,
+        seqused_k: torch.Tensor | None = None,
+        block_table: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self.calls += 1
+        assert window_size == (-1, 0) and enable_gqa and scale is not None  # causal, bottom-right aligned
+        assert block_table is not None and seqused_k is not None  # a paged cache needs both
+        for index in (cu_seq_q, seqused_k, block_table):
+            assert index.dtype == torch.int32
+        cu_q, used = cu_seq_q.tolist(), seqused_k.tolist()
+        assert len(cu_q) == len(used) + 1 == block_table.shape[0] + 1 and cu_q[-1] == query.shape[0]
+        if cu_seq_k is not None:
+            assert (cu_seq_k[1:] - cu_seq_k[:-1]).tolist() == used
+        out = torch.empty_like(query)
+        for b, ctx_len in enumerate(used):
+            assert cu_q[b + 1] - cu_q[b] <= max_q and ctx_len <= max_k
+            rows = slice(cu_q[b], cu_q[b + 1])
+            blocks = pages(block_table, b, ctx_len, key.shape[1])
+            out[rows] = paged_rows(query[rows], key, value, blocks, ctx_len, scale)
+        return out
+
+
+@pytest.mark.parametrize(
+    ("requests", "max_blocks"),
+    [([(6, 6), (3, 9), (1, 5), (1, 1)], None), ([(1, 7), (1, 16), (1, 1)], 6)],
+    ids=["mixed", "decode_only"],
+)
+def test_torch_varlen_attention_serves_the_kernels_contract(
+    monkeypatch: pytest.MonkeyPatch, requests: list[tuple[int, int]], max_blocks: int | None
+) -> None:
+    """torch's varlen_attn (CUDA only) stood in for by its documented contract: the adapters pass what it needs."""
+    reference_varlen = ReferenceVarlen()
+    monkeypatch.setattr(torch_varlen, "varlen_attn", reference_varlen)
+    step = run_step(requests, block_size=4, kernels=fa.torch_kernels(), max_blocks=max_blocks, seed=5)
+    torch.testing.assert_close(step.out, step.expected, atol=1e-5, rtol=1e-5)
+    assert reference_varlen.calls == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not fa.torch_paged_available(), reason="needs a CUDA device and torch 2.12+"
+)
+@pytest.mark.parametrize(
+    ("requests", "max_blocks"),
+    [([(300, 300), (40, 600), (1, 513), (1, 1)], None), ([(1, 257), (1, 768), (1, 5), (1, 1)], 4)],
+    ids=["mixed", "decode_only"],
+)
+def test_torch_varlen_kernels_match_plain_attention_on_cuda(
+    requests: list[tuple[int, int]], max_blocks: int | None
+) -> None:
+    step = run_step(
+        requests,
+        block_size=256,
+        heads=8,
+        kv_heads=2,
+        head_dim=128,
+        kernels=fa.torch_kernels(),
+        max_blocks=max_blocks,
+        dtype=torch.bfloat16,
+        device="cuda",
+        unwritten=0.0,
+    )
+    torch.testing.assert_close(step.out.float(), step.expected, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
@@ -354,7 +446,7 @@ def test_the_runner_over_flash_attn_kernels_computes_what_the_paged_path_does(mo
         torch.testing.assert_close(flash.execute(step), paged.execute(step), rtol=1e-5, atol=1e-5)
     layers = int(model.config.num_hidden_layers)
     assert kernels.calls == ["varlen"] * 2 * layers + ["with_kvcache"] * layers
-    assert "flash-attn" in flash.describe()
+    assert "flash-attention (given kernels) over pages of 4 tokens" in flash.describe()
 
 
 def test_an_engine_over_flash_attn_kernels_with_decode_graphs_equals_generate(model: PreTrainedModel) -> None:

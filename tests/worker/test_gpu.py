@@ -19,8 +19,10 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from tests.conftest import tiny_entry
 from tests.worker.engine_harness import drain, greedy_generate, make_engine, random_prompts, reference, run_all
 from worker.engine import Engine
+from worker.flash_attention import PAGE_MULTIPLE
 from worker.loader import load_model
 from worker.messages import SamplingParams
+from worker.model_runner import flash_backend_fits
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -148,6 +150,20 @@ def check_bf16_chunked_prefill(model: PreTrainedModel) -> None:
 
 def test_bf16_concurrent_greedy_matches_generate_up_to_near_ties(bf16_model: PreTrainedModel) -> None:
     check_bf16_concurrent(bf16_model)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not flash_backend_fits(CUDA, torch.bfloat16, PAGE_MULTIPLE),
+    reason="needs flash-attn, or torch 2.12+, for paged flash attention",
+)
+def test_bf16_over_flash_attention_pages_matches_generate_up_to_near_ties(bf16_model: PreTrainedModel) -> None:
+    """The flash path an engine takes on CUDA by default: pages of 256 tokens, contexts across pages, chunked
+    prefill, decodes replayed in graphs."""
+    prompts = random_prompts(int(bf16_model.config.vocab_size), [1, 7, 45, 250, 300, 400], seed=2)
+    engine = make_engine(bf16_model, num_blocks=16, block_size=PAGE_MULTIPLE, max_num_batched_tokens=256)
+    assert engine.runner.flash and engine.runner.graphs is not None
+    assert_near_ties_only(run_all(engine, prompts, GREEDY).tokens, logprob_references(bf16_model, prompts))
+    assert engine.runner.graphs.replays > 0
 
 
 def test_bf16_chunked_prefill_matches_generate_up_to_near_ties(bf16_model: PreTrainedModel) -> None:
