@@ -11,6 +11,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import inspect
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -137,6 +138,9 @@ def torch_kernels() -> Kernels:
     cache: causal is its window (-1, 0), aligned to the bottom right like flash-attn's; it takes the context lengths
     as `seqused_k`, which a decode computes on the device from its own inputs (no host sync, graph-safe)."""
     from torch.nn.attention import varlen
+
+    # it logs which backend it takes at INFO on every call: every layer of every step, in a worker that logs INFO
+    logging.getLogger(varlen.__name__).setLevel(logging.WARNING)
 
     def run(
         q: torch.Tensor,

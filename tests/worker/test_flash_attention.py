@@ -6,6 +6,7 @@ and the engine, with the same torch model of the kernels standing in for flash-a
 from __future__ import annotations
 
 import copy
+import logging
 import random
 import sys
 from dataclasses import dataclass, field
@@ -460,3 +461,9 @@ def test_an_engine_over_flash_attn_kernels_with_decode_graphs_equals_generate(mo
     assert got == {rid: reference(model, prompt, params.max_tokens) for rid, prompt in prompts.items()}
     assert engine.runner.graphs is not None and engine.runner.graphs.replays > 5
     assert {"varlen", "with_kvcache"} <= set(kernels.calls)
+
+
+def test_torch_varlen_does_not_log_every_call() -> None:
+    """It logs its backend at INFO on each call: in a worker logging INFO, a line for every layer of every step."""
+    fa.torch_kernels()
+    assert not logging.getLogger(torch_varlen.__name__).isEnabledFor(logging.INFO)
