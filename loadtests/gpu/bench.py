@@ -79,7 +79,7 @@ class Paths:
     model: PreTrainedModel
     spec: Model
     args: argparse.Namespace
-    cb: ContinuousBatchingConfig
+    cb: ContinuousBatchingConfig | str  # a str: why transformers' continuous batching could not be configured
     save: Callable[[], object]  # writes the report so far
     engine: Engine | None = None
     engine_error: str | None = None  # the engine would not start: every batch size fails alike, without a retry
@@ -143,6 +143,8 @@ def run_path(path: str, paths: Paths, prompts: list[list[int]], n: int, tag: str
     if path == "generate":
         return bench_paths.run_generate(model, prompts, n)
     if path == "generate_batch":
+        if isinstance(paths.cb, str):
+            raise RuntimeError(paths.cb)
         return bench_paths.run_generate_batch(model, prompts, n, paths.cb)
     if paths.engine_error is not None:
         raise RuntimeError(paths.engine_error)
@@ -215,7 +217,11 @@ def bench_model(spec: Model, args: argparse.Namespace, deadline: float, save: Ca
             error = f"{type(exc).__name__}: {exc}"[:500]
             spec.runs += [Run(path, batch, error=error) for path in names for batch in args.batches]
             continue
-        measure(Paths(model, spec, args, bench_paths.cb_config(args), save), names, deadline)
+        try:
+            cb: ContinuousBatchingConfig | str = bench_paths.cb_config(args)
+        except Exception as exc:  # another transformers' fields: only generate_batch's runs fail
+            cb = f"continuous batching config: {type(exc).__name__}: {exc}"
+        measure(Paths(model, spec, args, cb, save), names, deadline)
         del model
         gc.collect()
         if device.type == "cuda":

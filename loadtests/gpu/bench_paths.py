@@ -4,6 +4,7 @@ continuous batching (`generate_batch`). Each takes prompts and returns every req
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,11 @@ def cb_config(args: argparse.Namespace) -> ContinuousBatchingConfig:
     """transformers' continuous batching sized for the largest batch as its own hints would size it for one call (the
     warm-up's hints would size the manager that every later call reuses), with the engine's token budget."""
     per_request = -(-(args.prompt_len + args.output_len) // PAGE) + 1
+    # the page's field is `page_size` in newer transformers, `block_size` before (5.17, say)
+    fields = {field.name for field in dataclasses.fields(ContinuousBatchingConfig)}
+    page: dict[str, Any] = {"page_size" if "page_size" in fields else "block_size": PAGE}
     return ContinuousBatchingConfig(
-        page_size=PAGE,
+        **page,
         num_blocks=max(args.batches) * per_request,
         max_batch_tokens=args.max_batched_tokens,
         max_requests_per_batch=max(args.batches),
