@@ -68,6 +68,7 @@ class Model:
     kv_bytes_per_token: int = 0
     build_s: float = 0.0
     engine_block_size: int = 0
+    engine_paths: str = ""  # the engine's own account of its forward, attention and graphs
     checksums: list[float] = field(default_factory=list)  # of the weights, per build: equal when builds agree
     runs: list[Run] = field(default_factory=list)
 
@@ -155,6 +156,10 @@ def run_path(path: str, paths: Paths, prompts: list[list[int]], n: int, tag: str
             paths.engine_error = f"the engine would not start: {type(exc).__name__}: {exc}"
             raise
         spec.engine_block_size = paths.engine.block_manager.block_size
+        graphs = paths.engine.runner.graphs
+        spec.engine_paths = paths.engine.runner.describe() + (
+            f"; {len(graphs.shapes)} decode graphs" if graphs is not None else "; no decode graphs"
+        )
     tokens, steps = bench_paths.run_engine(paths.engine, prompts, n, tag, spec.weight_bytes, spec.kv_bytes_per_token)
     if steps is not None:
         run.decode_steps, run.decode_step_ms, run.decode_bytes = steps.count, steps.mean_ms, steps.mean_bytes

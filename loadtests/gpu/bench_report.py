@@ -140,6 +140,7 @@ def markdown(meta: dict[str, Any], models: list[Model], rows: list[dict[str, Any
             f"- {model.name}: {model.parameters / 1e6:,.1f} M parameters ({model.weight_bytes / 2**20:,.1f} MiB), "
             f"KV {model.kv_bytes_per_token} bytes/token, engine blocks of {model.engine_block_size or '-'} tokens"
             + ("" if len(set(model.checksums)) <= 1 else "; its builds differed, so no same-token shares")
+            + (f". Engine: {model.engine_paths}" if model.engine_paths else "")
         )
     lines += ["", "## Targets", "", "| target | model | measured | met |", "|---|---|---|---|"]
     for goal in goals:

@@ -35,6 +35,7 @@ def test_the_benchmark_measures_every_row_on_a_tiny_model(tiny_llama_dir: Path, 
     [model] = report["models"]
     assert model["name"] == tiny_llama_dir.name and model["weight_bytes"] == 4 * model["parameters"] > 0
     assert len(model["checksums"]) == 2 and model["checksums"][0] == model["checksums"][1]
+    assert "decode attention" in model["engine_paths"] and model["engine_paths"].endswith("no decode graphs")
     rows = {(row["model"], row["batch"]): row for row in report["rows"]}
     assert sorted(rows) == [(model["name"], 1), (model["name"], 2)]
     for row in rows.values():
@@ -50,6 +51,7 @@ def test_the_benchmark_measures_every_row_on_a_tiny_model(tiny_llama_dir: Path, 
     assert goals["batch64_throughput"]["met"] is None  # batch 64 not run
     text = (tmp_path / "bench.md").read_text()
     assert "| engine tok/s |" in text and "## Targets" in text and "not measured" in text
+    assert f"Engine: {model['engine_paths']}" in text
 
 
 def test_a_failing_baseline_is_recorded_and_the_rest_still_measured(
