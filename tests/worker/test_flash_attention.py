@@ -372,17 +372,26 @@ def test_torch_varlen_attention_serves_the_kernels_contract(
     assert reference_varlen.calls == 1
 
 
+def cuda_kernels(source: str) -> Kernels | None:
+    """The kernels of one source on CUDA; skips the test where that source is not here."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if source == "flash-attn" and not fa.available():
+        pytest.skip("needs flash-attn")
+    if source == "torch" and not fa.torch_paged_available():
+        pytest.skip("needs torch 2.12+")
+    return None if source == "flash-attn" else fa.torch_kernels()  # None: attend takes flash-attn's
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or not fa.torch_paged_available(), reason="needs a CUDA device and torch 2.12+"
-)
+@pytest.mark.parametrize("source", ["flash-attn", "torch"])
 @pytest.mark.parametrize(
     ("requests", "max_blocks"),
     [([(300, 300), (40, 600), (1, 513), (1, 1)], None), ([(1, 257), (1, 768), (1, 5), (1, 1)], 4)],
     ids=["mixed", "decode_only"],
 )
-def test_torch_varlen_kernels_match_plain_attention_on_cuda(
-    requests: list[tuple[int, int]], max_blocks: int | None
+def test_the_real_kernels_match_plain_attention_on_cuda(
+    source: str, requests: list[tuple[int, int]], max_blocks: int | None
 ) -> None:
     step = run_step(
         requests,
@@ -390,31 +399,7 @@ def test_torch_varlen_kernels_match_plain_attention_on_cuda(
         heads=8,
         kv_heads=2,
         head_dim=128,
-        kernels=fa.torch_kernels(),
-        max_blocks=max_blocks,
-        dtype=torch.bfloat16,
-        device="cuda",
-        unwritten=0.0,
-    )
-    torch.testing.assert_close(step.out.float(), step.expected, atol=2e-2, rtol=2e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or not fa.available(), reason="needs a CUDA device and flash-attn")
-@pytest.mark.parametrize(
-    ("requests", "max_blocks"),
-    [([(300, 300), (40, 600), (1, 513), (1, 1)], None), ([(1, 257), (1, 768), (1, 5), (1, 1)], 4)],
-    ids=["mixed", "decode_only"],
-)
-def test_flash_attn_kernels_match_plain_attention_on_cuda(
-    requests: list[tuple[int, int]], max_blocks: int | None
-) -> None:
-    step = run_step(
-        requests,
-        block_size=256,
-        heads=8,
-        kv_heads=2,
-        head_dim=128,
+        kernels=cuda_kernels(source),
         max_blocks=max_blocks,
         dtype=torch.bfloat16,
         device="cuda",
