@@ -46,7 +46,8 @@ GATHERED_BYTES_PER_LAYER = 256 << 20
 
 
 def flash_backend_fits(device: torch.device, dtype: torch.dtype, block_size: int) -> bool:
-    """Whether flash-attn serves attention: on CUDA, installed, in fp16/bf16, over blocks it can page."""
+    """Whether flash attention serves attention: on CUDA, with kernels here (flash-attn's or torch's), in fp16/bf16,
+    over blocks they can page."""
     fits = device.type == "cuda" and dtype in FLASH_DTYPES and block_size % flash_attention.PAGE_MULTIPLE == 0
     return fits and flash_attention.kernel_source() is not None
 
@@ -61,13 +62,13 @@ class ModelRunner:
         gguf_blocks: dict[str, QuantizedRows] | None = None,
         flash: bool | None = None,
     ) -> None:
-        """`flash`: attend with flash-attn's kernels over its cache layout; None: where `flash_backend_fits`."""
+        """`flash`: attend with the flash kernels over their cache layout; None: where `flash_backend_fits`."""
         self.model = model
         self.device = device
         self.block_size = block_size
         self.dtype = next(model.parameters()).dtype
         self.flash = flash_backend_fits(device, self.dtype, block_size) if flash is None else flash
-        self.flash_kernels: Kernels | None = None  # None: flash_attn's own (tests pass others)
+        self.flash_kernels: Kernels | None = None  # None: flash-attn's, else torch's; tests set others
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: DecodeGraphs | None = None
         self.allocate(num_blocks)
