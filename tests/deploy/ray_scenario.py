@@ -65,6 +65,11 @@ def burst(n: int = 24) -> list[tuple[int, str]]:
         return list(pool.map(complete, range(n)))
 
 
+def answering(answers: list[tuple[int, str]]) -> set[str]:
+    """The replicas that served some of `answers`."""
+    return {replica for status, replica in answers if status == 200}
+
+
 def replica_servers() -> list[psutil.Process]:
     """The tokenmill servers the replicas started (`serve --host 127.0.0.1 --port N`, not the --ray driver)."""
     found = []
@@ -86,12 +91,17 @@ def main(registry: str, model: str, log_path: str) -> int:
     with Path(log_path).open("wb") as log:
         driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
+        # Both replica servers can exist before Serve routes to the second (its model still loading): wait until
+        # answers come from two replicas, then measure.
         result["startup_s"] = wait_until(
-            lambda: ready() and len(replica_servers()) == 2, 600, "two ready replicas", interval=0.5
+            lambda: ready() and len(replica_servers()) == 2 and len(answering(burst(8))) == 2,
+            600,
+            "two ready replicas",
+            interval=0.5,
         )
         first = burst()
         result["first"] = first
-        before = {replica for status, replica in first if status == 200}
+        before = answering(first)
         victim = replica_servers()[0]
         victim.send_signal(signal.SIGKILL)
         result["killed"] = victim.pid
@@ -99,7 +109,7 @@ def main(registry: str, model: str, log_path: str) -> int:
 
         def replaced() -> bool:
             answers = burst(8)
-            seen.update(replica for status, replica in answers if status == 200)
+            seen.update(answering(answers))
             return len(seen - before) >= 1 and len(replica_servers()) == 2 and victim.pid not in pids()
 
         result["recovery_s"] = wait_until(replaced, 300, "the killed replica to be replaced", interval=0.5)
