@@ -19,6 +19,8 @@ from typing import NamedTuple, Protocol
 import torch
 from packaging.version import InvalidVersion, Version
 
+from worker.transfers import lists_to_device
+
 # flash_attn_with_kvcache took a block_table from 2.5.0, flash_attn_varlen_func from 2.5.7 (flash-attention PR #831).
 MIN_VERSION = Version("2.5.7")
 # Upstream kernels refuse a paged cache whose block size is not a multiple of this.
@@ -142,36 +144,6 @@ def torch_kernels() -> Kernels:
     # it logs which backend it takes at INFO on every call: every layer of every step, in a worker that logs INFO
     logging.getLogger(varlen.__name__).setLevel(logging.WARNING)
 
-    def run(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        cu_seqlens_k: torch.Tensor,
-        max_seqlen_q: int,
-        max_seqlen_k: int,
-        seq_lens_k: torch.Tensor,
-        block_table: torch.Tensor,
-        scale: float,
-        causal: bool,
-    ) -> torch.Tensor:
-        out = varlen.varlen_attn(
-            q,
-            k,
-            v,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            max_seqlen_q,
-            max_seqlen_k,
-            scale=scale,
-            window_size=(-1, 0) if causal else (-1, -1),
-            enable_gqa=True,
-            seqused_k=seq_lens_k,
-            block_table=block_table,
-        )
-        assert isinstance(out, torch.Tensor)  # no auxiliary outputs were asked for
-        return out
-
     def torch_varlen(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -185,9 +157,22 @@ def torch_kernels() -> Kernels:
         causal: bool,
         block_table: torch.Tensor,
     ) -> torch.Tensor:
-        lengths = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
-        args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, lengths, block_table, softmax_scale, causal)
-        return run(q, k, v, *args)
+        out = varlen.varlen_attn(
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            scale=softmax_scale,
+            window_size=(-1, 0) if causal else (-1, -1),
+            enable_gqa=True,
+            seqused_k=cu_seqlens_k[1:] - cu_seqlens_k[:-1],
+            block_table=block_table,
+        )
+        assert isinstance(out, torch.Tensor)  # no auxiliary outputs were asked for
+        return out
 
     def torch_with_kvcache(
         q: torch.Tensor,
@@ -201,13 +186,28 @@ def torch_kernels() -> Kernels:
     ) -> torch.Tensor:
         batch, rows = q.shape[0], q.shape[1]
         cu_q = torch.arange(0, (batch + 1) * rows, rows, dtype=torch.int32, device=q.device)
-        zero = torch.zeros(1, dtype=torch.int32, device=q.device)
-        cu_k = torch.cat([zero, cache_seqlens.cumsum(0, dtype=torch.int32)])
         widest = block_table.shape[1] * k_cache.shape[1]  # a bound fixed by the shapes: the same in every replay
-        args = (cu_q, cu_k, rows, widest, cache_seqlens, block_table, softmax_scale, causal)
-        return run(q.flatten(0, 1), k_cache, v_cache, *args).view(q.shape)
+        out = torch_varlen(
+            q.flatten(0, 1),
+            k_cache,
+            v_cache,
+            cu_q,
+            offsets(cache_seqlens),
+            rows,
+            widest,
+            softmax_scale=softmax_scale,
+            causal=causal,
+            block_table=block_table,
+        )
+        return out.view(q.shape)
 
     return Kernels(torch_varlen, torch_with_kvcache)
+
+
+def offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """Lengths [B] -> int32 offsets [B + 1] (0 first), on their device: no host sync, so a graph can hold it."""
+    zero = torch.zeros(1, dtype=torch.int32, device=lengths.device)
+    return torch.cat([zero, lengths.cumsum(0, dtype=torch.int32)])
 
 
 def cache_shape(num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
@@ -243,12 +243,8 @@ def build_metadata(
     batch = len(spans)
     lens = [cu_k[i + 1] - cu_k[i] for i in range(batch)]
     flat = [block for t in tables for block in t + [0] * (width - len(t))]
-    # one host-to-device copy for all four tensors
-    on_cuda = torch.device(device).type == "cuda"
-    packed = torch.tensor(cu_q + cu_k + lens + flat, dtype=torch.int32, pin_memory=on_cuda)
-    packed = packed.to(device, non_blocking=True)  # from pinned memory: the host goes on while it copies
-    cu_seqlens_q, cu_seqlens_k, seq_lens_k, table_flat = torch.split(
-        packed, [batch + 1, batch + 1, batch, batch * width]
+    cu_seqlens_q, cu_seqlens_k, seq_lens_k, table_flat = lists_to_device(
+        [cu_q, cu_k, lens, flat], torch.int32, torch.device(device)
     )
     return FlashMetadata(
         cu_seqlens_q=cu_seqlens_q,

@@ -17,6 +17,7 @@ from worker.attention import AttentionMetadata, DecodeBatch, PrefillSpan
 from worker.cuda_graphs import DecodeGraphs, DecodeInputs, capture_sizes, table_widths
 from worker.flash_attention import FlashMetadata, Kernels, Span
 from worker.gguf_weights import QuantizedRows
+from worker.transfers import lists_to_device
 
 
 @dataclass
@@ -154,7 +155,7 @@ class ModelRunner:
             else:
                 prefills.append(self._prefill_span(start, n, first, table))
 
-        ids, pos, slot_mapping, keep_t = self._to_device([input_ids, positions, slots, keep])
+        ids, pos, slot_mapping, keep_t = lists_to_device([input_ids, positions, slots, keep], torch.long, self.device)
         meta = AttentionMetadata(
             kv_caches=self.kv_caches,
             slot_mapping=slot_mapping,
@@ -176,15 +177,6 @@ class ModelRunner:
         )
         logits: torch.Tensor = out.logits[0]
         return logits.float()
-
-    def _to_device(self, lists: list[list[int]]) -> list[torch.Tensor]:
-        """Long tensors of `lists` on the device, in one copy: on CUDA from pinned memory, without waiting for it."""
-        flat = [value for values in lists for value in values]
-        if self.device.type == "cpu":
-            packed = torch.tensor(flat, dtype=torch.long)
-        else:
-            packed = torch.tensor(flat, dtype=torch.long, pin_memory=True).to(self.device, non_blocking=True)
-        return list(torch.split(packed, [len(values) for values in lists]))
 
     def _prefill_span(self, start: int, q_len: int, num_computed: int, table: list[int]) -> PrefillSpan:
         ctx_len = num_computed + q_len
@@ -240,11 +232,10 @@ class ModelRunner:
     def _flash_decode(self, inputs: DecodeInputs) -> FlashMetadata:
         """flash-attn's metadata of a decode step, computed on the device from the static inputs."""
         lengths = inputs.lengths.to(torch.int32)
-        zero = torch.zeros(1, dtype=torch.int32, device=self.device)
         width = inputs.tables.shape[1]
         return FlashMetadata(
             cu_seqlens_q=torch.arange(inputs.ids.shape[0] + 1, dtype=torch.int32, device=self.device),
-            cu_seqlens_k=torch.cat([zero, lengths.cumsum(0, dtype=torch.int32)]),
+            cu_seqlens_k=flash_attention.offsets(lengths),
             max_seqlen_q=1,
             max_seqlen_k=width * self.block_size,
             block_table=inputs.tables.to(torch.int32),

@@ -15,6 +15,7 @@ import torch
 
 from worker import native
 from worker.messages import SampleLogprobs, SamplingParams, TokenLogprob
+from worker.transfers import to_device
 
 _NEG_INF = float("-inf")
 _MIN_TEMPERATURE = 1e-5  # dividing by a smaller temperature overflows float32 logits to inf, and softmax to NaN
@@ -36,14 +37,6 @@ class SamplerOutput:
     logprobs: list[SampleLogprobs | None]  # None for rows whose params.logprobs is None
 
 
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`. To CUDA from pinned memory, without blocking: a copy from pageable memory first
-    waits for all the device's queued work, and the sampler must not sync with the device before its tokens are due."""
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
-
-
 def _flat_keys(seqs: Sequence[Sequence[int]], row_ids: Sequence[int], vocab: int, device: torch.device) -> torch.Tensor:
     """`row * vocab + token` keys into a flattened [rows, vocab] tensor; out-of-vocabulary ids are dropped,
     so a bad id never crashes a step. Touching only these keys keeps each stage O(tokens), not O(rows * vocab)."""
@@ -51,11 +44,11 @@ def _flat_keys(seqs: Sequence[Sequence[int]], row_ids: Sequence[int], vocab: int
     rows = torch.repeat_interleave(torch.tensor(row_ids, dtype=torch.long), torch.tensor([len(s) for s in seqs]))
     ok = (tokens >= 0) & (tokens < vocab)
     keys = rows * vocab + tokens
-    return _to_device(keys if bool(ok.all()) else keys[ok], device)
+    return to_device(keys if bool(ok.all()) else keys[ok], device)
 
 
 def _per_row(values: Sequence[float], device: torch.device) -> torch.Tensor:
-    return _to_device(torch.tensor(values, dtype=torch.float32), device)
+    return to_device(torch.tensor(values, dtype=torch.float32), device)
 
 
 def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
@@ -79,7 +72,7 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SampleInput]) -> torch.T
         items = [(i * vocab + t, b) for i in bias for t, b in rows[i].params.logit_bias.items() if 0 <= t < vocab]
         if items:
             bias_keys, bias_values = zip(*items, strict=True)
-            flat.index_add_(0, _to_device(torch.tensor(bias_keys), device), _per_row(bias_values, device))
+            flat.index_add_(0, to_device(torch.tensor(bias_keys), device), _per_row(bias_values, device))
     if suppress:
         flat.index_fill_(
             0, _flat_keys([rows[i].suppress_token_ids for i in suppress], suppress, vocab, device), _NEG_INF
@@ -94,13 +87,13 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SampleInput]) -> torch.T
         outputs = [rows[i].output_token_ids for i in frequency]
         # unique on the host: its output's size depends on the data, which on a device means waiting for it
         keys, counts = torch.unique(_flat_keys(outputs, frequency, vocab, torch.device("cpu")), return_counts=True)
-        keys, counts = _to_device(keys, device), _to_device(counts, device)
+        keys, counts = to_device(keys, device), to_device(counts, device)
         frequency_penalty = _per_row([r.params.frequency_penalty for r in rows], device)[keys // vocab]
         presence_penalty = _per_row([r.params.presence_penalty for r in rows], device)[keys // vocab]
         flat[keys] = flat[keys] - (frequency_penalty * counts + presence_penalty)  # every key here has count > 0
     if masks:
         grammar = [i for i, _ in masks]
-        allowed = _to_device(torch.stack([mask for _, mask in masks]), device)
+        allowed = to_device(torch.stack([mask for _, mask in masks]), device)
         x[grammar] = x[grammar].masked_fill(~allowed, _NEG_INF)
     return x
 
@@ -111,7 +104,7 @@ def filter_logits(
     """Per-row top_k (<= 0: off), then top_p, then min_p, as -inf in a new tensor. One sort serves all three; the
     most likely token always survives, so a row with any finite logit keeps at least one."""
     vocab, device = logits.shape[-1], logits.device
-    k = _to_device(torch.tensor([v if 0 < v < vocab else vocab for v in top_k]), device)
+    k = to_device(torch.tensor([v if 0 < v < vocab else vocab for v in top_k]), device)
     # top_p == 1 means off; float rounding in the cumulative sum would otherwise clip the far tail.
     p = _column([v if v < 1.0 else math.inf for v in top_p], device)
     values, order = logits.sort(dim=-1, descending=True)
@@ -156,7 +149,7 @@ class Sampler:
             return tokens
         chosen = x.gather(1, tokens[:, None])[:, 0]
         if sampled:
-            index = _to_device(torch.tensor(sampled), x.device)
+            index = to_device(torch.tensor(sampled), x.device)
             subset = x if len(sampled) == len(rows) else x.index_select(0, index)
             sub_tokens, sub_chosen = self._sample_rows(subset, [rows[i] for i in sampled])
             tokens.index_copy_(0, index, sub_tokens)
@@ -177,7 +170,7 @@ class Sampler:
             x = filter_logits(x, [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params])
         # One CPU draw per row from that row's generator keeps seeded rows independent of the batch.
         noise = torch.stack([torch.empty(vocab).exponential_(generator=self._generator_for(r)) for r in rows])
-        noise = _to_device(noise.clamp_min_(torch.finfo(torch.float32).tiny), x.device)  # q == 0: p == 0 gives NaN
+        noise = to_device(noise.clamp_min_(torch.finfo(torch.float32).tiny), x.device)  # q == 0: p == 0 gives NaN
         tokens = native.argmax(x.softmax(dim=-1) / noise)
         return tokens, x.gather(1, tokens[:, None])[:, 0]
 
