@@ -7,6 +7,12 @@
 # device.txt, install.txt, pytest_gpu.txt, bench.txt and bench/ (bench.json, bench.md), and summary.txt (one line a
 # step with its exit status). A step that fails does not stop the later ones.
 set -uo pipefail
+# the GPU image may have python3 alone: a shim on PATH makes `python` that one
+if ! command -v python >/dev/null; then
+    shim=$(mktemp -d)
+    ln -s "$(command -v python3)" "$shim/python"
+    export PATH="$shim:$PATH"
+fi
 out=${1:?usage: loadtests/gpu_check.sh OUT_DIR [WHEELS_DIR]}
 wheels=${2:-wheels}
 mkdir -p "$out"

@@ -6,7 +6,9 @@ set -euo pipefail
 dir=${1:-wheels}
 mkdir -p "$dir"
 packages=(msgspec pydantic llguidance fastapi uvicorn pytest pytest-timeout)
-platforms=(--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64)
+# manylinux_2_31: llguidance 1.9 and newer publish no older tag
+platforms=(--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
+    --platform manylinux_2_31_x86_64)
 for version in 3.10 3.11 3.12; do
     python -m pip download --quiet --only-binary=:all: "${platforms[@]}" --python-version "$version" --dest "$dir" \
         "${packages[@]}"
