@@ -5,7 +5,7 @@
 set -euo pipefail
 dir=${1:-wheels}
 mkdir -p "$dir"
-packages=(msgspec pydantic llguidance fastapi uvicorn pytest pytest-timeout)
+packages=(msgspec pydantic llguidance fastapi uvicorn pytest pytest-timeout jsonschema)
 # manylinux_2_31: llguidance 1.9 and newer publish no older tag
 platforms=(--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
     --platform manylinux_2_31_x86_64)
