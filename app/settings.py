@@ -20,6 +20,7 @@ ENGINE_OVERRIDES = (
     "gpu_memory_utilization",
     "max_num_seqs",
     "max_num_batched_tokens",
+    "prefill_chunk_ratio",
 )
 
 
@@ -39,6 +40,7 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     max_num_seqs: int | None = Field(default=None, ge=1)
     max_num_batched_tokens: int | None = Field(default=None, ge=16)
+    prefill_chunk_ratio: float | None = Field(default=None, ge=0)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     body_read_timeout: float = Field(default=30.0, gt=0)  # seconds a client may take between body chunks
     request_timeout: float | None = Field(default=None, gt=0)  # seconds; a request's own `timeout` may lower it

@@ -24,6 +24,7 @@ from worker.registry import ModelEntry
 from worker.sampler import SampleInput, Sampler
 from worker.scheduler import Scheduler, SchedulerOutput
 from worker.sequence import Sequence
+from worker.step_budget import StepBudget
 from worker.structured import GrammarMasks
 
 if TYPE_CHECKING:
@@ -57,9 +58,11 @@ class Engine:
         gguf_blocks: dict[str, QuantizedRows] | None = None,
         gpu_memory_utilization: float = 0.9,
         cuda_graphs: bool = True,
+        prefill_chunk_ratio: float = 0.0,
     ) -> None:
         """`num_blocks` None: size the KV pool on CUDA from a profiling forward (worker.kv_budget). `cuda_graphs`:
-        capture decode graphs at start where the device is a CUDA one."""
+        capture decode graphs at start where the device is a CUDA one. `prefill_chunk_ratio`: while requests decode,
+        a step's prompt tokens may cost at most this many decode-only steps (`worker.step_budget`; 0: no bound)."""
         self.name = name
         self.tokenizer_dir = tokenizer_dir
         self.max_model_len = max_model_len
@@ -76,8 +79,14 @@ class Engine:
                 self.runner, max_num_batched_tokens, max_num_seqs, gpu_memory_utilization, per_block
             )
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.step_budget = StepBudget(max_num_batched_tokens, prefill_chunk_ratio)
         self.scheduler = Scheduler(
-            self.block_manager, max_num_seqs, max_num_batched_tokens, max_model_len, self.eos_token_ids
+            self.block_manager,
+            max_num_seqs,
+            max_num_batched_tokens,
+            max_model_len,
+            self.eos_token_ids,
+            self.step_budget.prompt_tokens,
         )
         if cuda_graphs and device.type == "cuda":
             log.info("%s: %s", name, self.runner.capture_decode_graphs(max_num_seqs, max_model_len))
@@ -113,6 +122,7 @@ class Engine:
             gguf_blocks=loaded.gguf_blocks,
             gpu_memory_utilization=entry.gpu_memory_utilization,
             cuda_graphs=entry.cuda_graphs,
+            prefill_chunk_ratio=entry.prefill_chunk_ratio,
         )
         log.info(
             "%s: KV cache %d blocks x %d tokens (%.0f MiB, %d bytes/token)",
@@ -207,7 +217,11 @@ class Engine:
                 message = f"the model failed on this request: {type(exc).__name__}: {exc}"
                 outputs.extend(self._fail(item.seq, message, "model_error") for item in plan.scheduled)
         self.step_count += 1
-        return StepOutput(self.step_count, outputs, self.stats(plan.num_batched_tokens, time.perf_counter() - start))
+        seconds = time.perf_counter() - start
+        if plan.scheduled:
+            decodes = sum(1 for item in plan.scheduled if item.num_new_tokens == 1 and item.seq.num_output_tokens > 1)
+            self.step_budget.observe(plan.num_batched_tokens - decodes, decodes, seconds)
+        return StepOutput(self.step_count, outputs, self.stats(plan.num_batched_tokens, seconds))
 
     def _run(self, plan: SchedulerOutput) -> list[RequestOutput]:
         items = []

@@ -99,6 +99,9 @@ class ModelEntry(BaseModel):
     block_size: int = Field(default=16, ge=1, le=1024)
     max_num_seqs: int = Field(default=64, ge=1, le=4096)
     max_num_batched_tokens: int = Field(default=2048, ge=16)
+    # While requests decode, a step's prompt tokens may cost at most this many decode-only steps (measured), so a
+    # stream's inter-token gap stays within about 1 + this times its usual; 0: prompts always fill the token budget
+    prefill_chunk_ratio: float = Field(default=2.0, ge=0)
     max_waiting_requests: int = Field(default=256, ge=0)
     enable_prefix_caching: bool = True
     threads: int | None = Field(default=None, ge=1)

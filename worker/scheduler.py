@@ -1,7 +1,8 @@
 """`Scheduler`: iteration-level continuous batching in token counts. Pure Python: it decides, the runner executes.
 
 Each step spends a token budget: running decodes first (so a long prefill never starves them), then running
-prefills in chunks, then waiting requests in FCFS order, each starting after its longest prefix-cache hit. When blocks
+prefills in chunks, then waiting requests in FCFS order, each starting after its longest prefix-cache hit. Prompt
+tokens may have a tighter budget of their own while requests decode (`worker.step_budget`). When blocks
 run out, the newest running request is preempted by recompute: its blocks are freed and it waits at the head.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from worker.block_manager import BlockManager
@@ -42,8 +43,12 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         eos_token_ids: Iterable[int],
+        prompt_budget: Callable[[bool], int] | None = None,
     ) -> None:
+        """`prompt_budget(decoding)`: the most prompt tokens a step may carry, given whether it carries decodes
+        (`worker.step_budget`); None: the whole token budget."""
         self.block_manager = block_manager
+        self.prompt_budget = prompt_budget
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -72,10 +77,21 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
         prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
-        for seq in decodes + prefills:
+        budget = self._schedule_running(decodes, budget, out)
+        # prompt tokens, of running prefills and then of waiting requests, within the prompt budget
+        if self.prompt_budget is not None:
+            budget = min(budget, self.prompt_budget(bool(out.scheduled)))
+        budget = self._schedule_running(prefills, budget, out)
+        if not out.preempted:
+            self._admit(budget, out)
+        out.num_batched_tokens = sum(item.num_new_tokens for item in out.scheduled)
+        return out
+
+    def _schedule_running(self, seqs: list[Sequence], budget: int, out: SchedulerOutput) -> int:
+        for seq in seqs:
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this step
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             grown, released = self._grow(seq, num_new, out)
@@ -84,11 +100,7 @@ class Scheduler:
                 continue
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
-
-        if not out.preempted:
-            budget = self._admit(budget, out)
-        out.num_batched_tokens = self.max_num_batched_tokens - budget
-        return out
+        return budget
 
     def _grow(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> tuple[bool, int]:
         """Allocate blocks for `num_new` more tokens, preempting the newest running requests.

@@ -1,0 +1,97 @@
+"""The prompt chunk of a step follows the measured step costs: `StepBudget`'s arithmetic, the scheduler honouring it
+while requests decode (and not otherwise), and an engine whose chunks it sizes still giving `generate`'s tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from tests.worker.engine_harness import make_engine, reference, run_all
+from tests.worker.test_scheduler import Harness
+from worker.messages import SamplingParams
+from worker.step_budget import FALLBACK_DECODE_SECONDS, StepBudget
+
+
+def test_no_bound_until_a_prompt_token_has_been_priced_or_when_nothing_decodes() -> None:
+    budget = StepBudget(2048, ratio=2.0)
+    assert budget.prompt_tokens(decoding=True) == 2048
+    budget.observe(prompt_tokens=4, decodes=0, seconds=1.0)  # too few tokens to price one
+    assert budget.token_seconds is None
+    budget.observe(prompt_tokens=1000, decodes=0, seconds=1.0)
+    assert budget.prompt_tokens(decoding=False) == 2048
+    assert budget.prompt_tokens(decoding=True) < 2048
+
+
+def test_the_chunk_costs_ratio_times_a_decode_step() -> None:
+    budget = StepBudget(2048, ratio=2.0)
+    budget.observe(prompt_tokens=0, decodes=8, seconds=0.010)
+    budget.observe(prompt_tokens=100, decodes=0, seconds=0.060)  # 10 ms of fixed cost, then 0.5 ms a token
+    assert budget.decode_seconds == pytest.approx(0.010)
+    assert budget.token_seconds == pytest.approx(0.0005)
+    assert budget.prompt_tokens(decoding=True) == 40  # 2 x 10 ms / 0.5 ms
+    slower = StepBudget(2048, ratio=2.0)  # the same, on a model that costs ten times as much a prompt token
+    slower.observe(prompt_tokens=0, decodes=8, seconds=0.010)
+    slower.observe(prompt_tokens=100, decodes=0, seconds=0.510)
+    assert slower.prompt_tokens(decoding=True) == 16  # 4 tokens by the arithmetic, raised to the floor of 16
+
+
+def test_costs_are_moving_averages_and_the_chunk_stays_within_its_bounds() -> None:
+    budget = StepBudget(64, ratio=4.0, min_chunk=8)
+    budget.observe(prompt_tokens=0, decodes=1, seconds=0.010)
+    budget.observe(prompt_tokens=0, decodes=1, seconds=0.020)
+    assert budget.decode_seconds == pytest.approx(0.013)
+    budget.observe(prompt_tokens=10, decodes=1, seconds=0.0131)  # cheaper than the fixed part: half the step counts
+    assert budget.token_seconds == pytest.approx(0.0131 / 2 / 10)
+    assert budget.prompt_tokens(decoding=True) == 64  # cheap tokens: the token budget caps the chunk
+    assert StepBudget(64, ratio=0.0).prompt_tokens(decoding=True) == 64  # ratio 0: no bound
+    unpriced_fixed = StepBudget(4096, ratio=1.0)
+    unpriced_fixed.observe(prompt_tokens=100, decodes=0, seconds=0.1)
+    assert unpriced_fixed.prompt_tokens(decoding=True) == int(FALLBACK_DECODE_SECONDS / 0.001)
+
+
+def test_the_scheduler_caps_prompt_tokens_only_in_steps_that_carry_decodes() -> None:
+    caps: list[bool] = []
+
+    def budget(decoding: bool) -> int:
+        caps.append(decoding)
+        return 5 if decoding else 64
+
+    h = Harness(max_num_batched_tokens=64)
+    h.sched.prompt_budget = budget
+    h.add("a", [10, 11, 12], max_tokens=100)
+    assert h.step().plan == [("a", 3, True)]  # nothing decodes yet: the whole budget is there
+    h.add("b", list(range(100, 120)), max_tokens=2)
+    h.add("c", list(range(200, 204)), max_tokens=2)
+    plans = [h.step().plan for _ in range(5)]
+    assert plans == [
+        [("a", 1, True), ("b", 5, False)],
+        [("a", 1, True), ("b", 5, False)],
+        [("a", 1, True), ("b", 5, False)],
+        [("a", 1, True), ("b", 5, True)],  # b caught up: it samples
+        [("a", 1, True), ("b", 1, True), ("c", 4, True)],  # b now decodes; c's prompt fits the 5 left
+    ]
+    assert caps == [False, True, True, True, True, True]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_dir: Path) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("ratio", [0.5, 2.0])
+def test_an_engine_sizing_its_chunks_from_measured_costs_equals_generate(model: PreTrainedModel, ratio: float) -> None:
+    engine = make_engine(model, max_num_batched_tokens=256, prefill_chunk_ratio=ratio)
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    engine.add_request("short", [5, 6, 7, 8], greedy)
+    while not engine.requests["short"].output_token_ids:
+        engine.step()
+    long_prompt = [(7 * i) % 200 + 3 for i in range(150)]
+    # the step costs as measured: a decode-only step is ~1 ms here, a prompt token a sizeable share of it
+    engine.step_budget.decode_seconds, engine.step_budget.token_seconds = 0.001, 0.0001
+    run = run_all(engine, {"long": long_prompt}, greedy)
+    chunks = [step.stats.step_tokens for step in run.steps]
+    assert max(chunks) < 150  # the long prompt was split while "short" decoded
+    assert run.tokens["long"] == reference(model, long_prompt, 24)
