@@ -33,10 +33,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("tokenmill.engine")
 
 
-def default_kv_cache_memory(device: torch.device) -> int | None:
-    """The KV budget where the entry sets none: a share of RAM on the CPU; None on CUDA, where a profiling forward
-    sizes the pool (worker.kv_budget)."""
-    return None if device.type == "cuda" else default_cpu_kv_cache_memory()
+def default_kv_cache_memory(device: torch.device, bytes_per_token: int, max_num_seqs: int, max_len: int) -> int | None:
+    """The KV budget where the entry sets none: on the CPU from the model's bytes per token and the memory left; None
+    on CUDA, where a profiling forward sizes the pool (worker.kv_budget)."""
+    if device.type == "cuda":
+        return None
+    return default_cpu_kv_cache_memory(bytes_per_token, max_num_seqs, max_len)
 
 
 class Engine:
@@ -104,7 +106,9 @@ class Engine:
         block_size = entry.block_size
         if "block_size" not in entry.model_fields_set and flash_backend_fits(loaded.device, loaded.dtype, PAGE):
             block_size = PAGE  # flash-attn pages blocks of 256 tokens; an entry's own block size keeps SDPA
-        budget = entry.kv_cache_memory or default_kv_cache_memory(loaded.device)
+        budget = entry.kv_cache_memory or default_kv_cache_memory(
+            loaded.device, per_token, entry.max_num_seqs, loaded.max_model_len
+        )
         num_blocks = None if budget is None else max(1, budget // (per_token * block_size))
         engine = cls(
             loaded.model,
@@ -125,10 +129,11 @@ class Engine:
             prefill_chunk_ratio=entry.prefill_chunk_ratio,
         )
         log.info(
-            "%s: KV cache %d blocks x %d tokens (%.0f MiB, %d bytes/token)",
+            "%s: KV cache %d blocks x %d tokens = %d tokens (%.0f MiB, %d bytes/token)",
             entry.name,
             engine.block_manager.num_blocks,
             block_size,
+            engine.block_manager.num_blocks * block_size,
             engine.block_manager.num_blocks * block_size * per_token / 2**20,
             per_token,
         )

@@ -1,6 +1,10 @@
 """How much memory the KV cache gets, when the registry entry does not say (`kv_cache_memory`).
 
-On the CPU: a quarter of available RAM, at most 256 MiB; the pool's pages are committed only as blocks fill.
+On the CPU: room for `max_num_seqs` requests of 1,024 tokens (and for one of `max_model_len`), in the model's own
+bytes per token, within a quarter of the memory available once the weights are loaded (the container's limit, where
+there is one) and at most 4 GiB, vLLM's default KV space on a CPU. A 135M model gets 1.5 GiB this way, a 1B one in
+float32 (64 KiB a token) 4 GiB, 65k tokens, where a fixed 256 MiB held 4,096 and 32 streams preempted constantly.
+The pool's pages are committed only as blocks fill.
 
 On CUDA: the entry's `gpu_memory_utilization` share of the device's memory, less what is in use once the weights are
 loaded (the weights, the CUDA context, other processes on the device), less the most a step adds on top. That peak is
@@ -13,6 +17,7 @@ the server does not run out of memory under load.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import psutil
 import torch
@@ -23,17 +28,35 @@ from worker.sampler import SampleInput, Sampler
 
 log = logging.getLogger("tokenmill.kv_budget")
 
-# 256 MiB: 11k tokens of SmolLM2. A long run touches all of it; with it the default server peaks at 1.50 GB.
-CPU_KV_DEFAULT_CAP = 256 << 20
+CPU_KV_DEFAULT_CAP = 4 << 30
 CPU_KV_DEFAULT_SHARE = 0.25
+CPU_KV_TOKENS_PER_SEQ = 1024
+CGROUP = Path("/sys/fs/cgroup")
 # Every sampler stage that allocates a [rows, vocab] tensor: penalties, temperature, top-k, top-p, min-p, logprobs.
 COSTLIEST_SAMPLING = SamplingParams(
     temperature=0.7, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1, frequency_penalty=0.5, logprobs=20
 )
 
 
-def default_cpu_kv_cache_memory() -> int:
-    return min(CPU_KV_DEFAULT_CAP, int(psutil.virtual_memory().available * CPU_KV_DEFAULT_SHARE))
+def available_memory() -> int:
+    """Bytes this process may still take: the machine's available memory, or less where a cgroup (v2) limit is."""
+    available = int(psutil.virtual_memory().available)
+    try:
+        limit = (CGROUP / "memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int((CGROUP / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return max(0, available)
+
+
+def default_cpu_kv_cache_memory(
+    bytes_per_token: int, max_num_seqs: int, max_model_len: int, available: int | None = None
+) -> int:
+    """The CPU KV budget where the entry sets none (see the module's docstring); `available`: measured if None."""
+    room = (available_memory() if available is None else available) * CPU_KV_DEFAULT_SHARE
+    wanted = bytes_per_token * max(max_model_len, max_num_seqs * min(max_model_len, CPU_KV_TOKENS_PER_SEQ))
+    return int(min(wanted, room, CPU_KV_DEFAULT_CAP))
 
 
 def kv_budget(total: int, utilization: float, in_use: int, step_peak: int) -> int:

@@ -30,6 +30,28 @@ def test_the_budget_is_the_share_less_what_is_in_use_and_the_step() -> None:
     assert kv_budget.kv_budget(80 * gib, 0.5, 39 * gib, 2 * gib) < 0  # no room: the caller refuses to start
 
 
+def test_the_cpu_default_follows_bytes_per_token_and_memory() -> None:
+    gib, mib = 2**30, 2**20
+    plenty = 64 * gib
+    # room for max_num_seqs requests of 1,024 tokens, whatever a token costs, while memory and the cap allow
+    assert kv_budget.default_cpu_kv_cache_memory(23 * 1024, 64, 8192, plenty) == 23 * 1024 * 64 * 1024
+    assert kv_budget.default_cpu_kv_cache_memory(2 * 23 * 1024, 64, 8192, plenty) == 2 * 23 * 1024 * 64 * 1024
+    # a 1B model in float32 (64 KiB a token): the 4 GiB cap, 65,536 tokens, where 256 MiB held 4,096
+    one_b = kv_budget.default_cpu_kv_cache_memory(64 * 1024, 64, 131072, plenty)
+    assert one_b == 4 * gib and one_b // (64 * 1024) == 65536
+    # a quarter of what memory is left bounds it
+    assert kv_budget.default_cpu_kv_cache_memory(64 * 1024, 64, 131072, 2 * gib) == 512 * mib
+    # a short context needs no more than max_num_seqs full requests; one full request at least
+    assert kv_budget.default_cpu_kv_cache_memory(1000, 8, 512, plenty) == 1000 * 8 * 512
+    assert kv_budget.default_cpu_kv_cache_memory(1000, 1, 8192, plenty) == 1000 * 8192
+
+
+def test_available_memory_is_measured_and_within_the_machine() -> None:
+    import psutil
+
+    assert 0 < kv_budget.available_memory() <= psutil.virtual_memory().total
+
+
 @pytest.mark.parametrize(("tokens", "seqs"), [(2048, 64), (100, 7), (5, 64), (16, 1)])
 def test_the_profiling_step_is_the_largest_the_scheduler_builds(tokens: int, seqs: int) -> None:
     items = profile_items(tokens, seqs, block_size=16)
