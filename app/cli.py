@@ -86,6 +86,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
+    from app import access_log
     from app.connections import H11_MAX_INCOMPLETE_EVENT, protocol_class
     from app.main import create_app
     from app.reload import reload_logged
@@ -117,6 +118,7 @@ def serve(args: argparse.Namespace) -> int:
         http=protocol_class(settings.header_read_timeout, settings.max_connections),
         h11_max_incomplete_event_size=H11_MAX_INCOMPLETE_EVENT,
     )
+    access_log.install()  # after uvicorn.Config, which configures uvicorn's loggers
     pool = app.state.pool
     server = DrainingServer(config, pool, settings.drain_timeout, reload=lambda: reload_logged(settings, pool))
     server.run()
