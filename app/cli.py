@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import types
 from typing import Any, Union, get_args, get_origin
@@ -19,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the models of a registry over HTTP",
         description="Start the API process and one worker process per model in the registry. Every flag can also "
         "be set as an environment variable TOKENMILL_<FLAG> (e.g. TOKENMILL_API_KEY). SIGHUP, or POST /admin/reload "
-        "with the API key, re-reads the registry without a restart.",
+        "(with the admin key, else the API key; with neither, from this machine only), re-reads the registry "
+        "without a restart.",
     )
     serve.add_argument("--models", help="the models.yaml registry (default: the bundled one, SmolLM2)")
     serve.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
@@ -80,9 +82,23 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=value_type, metavar=name.upper(), help=field.description + default)
 
 
-def serve(args: argparse.Namespace) -> int:
-    import logging
+def warn_if_exposed(settings: Settings) -> None:
+    """A listener other machines can reach, and no API key: say so at start, where the operator looks."""
+    from app.auth import binds_loopback_only
 
+    if binds_loopback_only(settings.host) or settings.api_keys():
+        return
+    admin = "with --admin-key" if settings.admin_key else "only from this machine (no --admin-key)"
+    logging.getLogger("tokenmill").warning(
+        "listening on %s without an API key: anyone who can reach port %d can use the API; set --api-key "
+        "(TOKENMILL_API_KEY) to require one. /admin/* answers %s.",
+        settings.host,
+        settings.port,
+        admin,
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
@@ -119,6 +135,7 @@ def serve(args: argparse.Namespace) -> int:
         h11_max_incomplete_event_size=H11_MAX_INCOMPLETE_EVENT,
     )
     access_log.install()  # after uvicorn.Config, which configures uvicorn's loggers
+    warn_if_exposed(settings)
     pool = app.state.pool
     server = DrainingServer(config, pool, settings.drain_timeout, reload=lambda: reload_logged(settings, pool))
     server.run()

@@ -56,7 +56,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     # Added last, runs first: header and declared-size limits, then the API key, then the streamed body; no body is
     # read for a client without a key.
-    app.add_middleware(ApiKeyGuard, keys=settings.api_keys(), metrics_open=settings.metrics_open)
+    app.add_middleware(
+        ApiKeyGuard, keys=settings.api_keys(), metrics_open=settings.metrics_open, admin_keys=settings.admin_keys()
+    )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, read_timeout=settings.body_read_timeout)
     return app
 

@@ -1,4 +1,4 @@
-"""Operator endpoints, behind the API key."""
+"""Operator endpoints: behind the admin key, else the API key, else loopback clients only (app.auth)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from app.dependencies import PoolDep, get_settings
 from app.reload import reload_registry
 from app.settings import Settings
 
-router = APIRouter(prefix="/admin")  # behind the API key (app.auth)
+router = APIRouter(prefix="/admin")
 
 
 @router.post("/reload")

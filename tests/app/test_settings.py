@@ -25,8 +25,10 @@ def test_documented_settings_get_their_flags_from_the_model(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("COLUMNS", "200")  # help lines unwrapped
-    args = build_parser().parse_args(["serve", "--header-read-timeout", "2.5", "--max-connections", "64"])
-    assert (args.header_read_timeout, args.max_connections) == (2.5, 64)
+    args = build_parser().parse_args(
+        ["serve", "--header-read-timeout", "2.5", "--max-connections", "64", "--admin-key", "k"]
+    )
+    assert (args.header_read_timeout, args.max_connections, args.admin_key) == (2.5, 64, "k")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--help"])
     help_text = capsys.readouterr().out
@@ -34,3 +36,9 @@ def test_documented_settings_get_their_flags_from_the_model(
         if field.description is not None:
             assert "--" + name.replace("_", "-") in help_text, name
     assert "(default: 10)" in help_text and "(default: 1000)" in help_text
+
+
+def test_admin_keys_fall_back_to_the_api_keys() -> None:
+    assert Settings(api_key="a").admin_keys() == ["a"]
+    assert Settings(api_key="a", admin_key="b").admin_keys() == ["b"]
+    assert Settings(api_key="", admin_key="").admin_keys() == []

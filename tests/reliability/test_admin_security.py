@@ -1,29 +1,103 @@
-"""The edges of an exposed server: credentials in a query string never reach the access log."""
+"""The admin endpoints and the edges of an exposed server: with no key, /admin/* answers loopback clients only (403
+for others, measured through this machine's own non-loopback address, and through a forwarded client address); with
+--admin-key, only that key opens them. A server listening beyond loopback without a key says so at start.
+Credentials in a query string never reach the access log."""
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+import psutil
 import pytest
 
 from app.access_log import redact_query
+from app.auth import binds_loopback_only, is_loopback
 from tests.server_harness import Server, model_entry, start_server, wait_until, write_registry
 
 API_KEY = "api-key-for-tests"
+ADMIN_KEY = "admin-key-for-tests"
+
+
+def own_non_loopback_address() -> str | None:
+    """An IPv4 address of this machine outside loopback (eth0's, typically): connecting to it from here is local
+    traffic, yet the server sees a non-loopback client address."""
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not ipaddress.ip_address(address.address).is_loopback:
+                return str(address.address)
+    return None
+
+
+@pytest.fixture(scope="module")
+def open_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """No key at all, listening on every interface (as the Docker image does)."""
+    tmp = tmp_path_factory.mktemp("admin-open")
+    registry = write_registry(tmp / "models.yaml", [model_entry(tiny_llama_dir)])
+    server = start_server(registry, tmp, "--host", "0.0.0.0")
+    yield server
+    assert server.stop() == 0
 
 
 @pytest.fixture(scope="module")
 def keyed_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("admin-keyed")
     registry = write_registry(tmp / "models.yaml", [model_entry(tiny_llama_dir, load="lazy")])  # no worker needed
-    server = start_server(registry, tmp, "--api-key", API_KEY)
+    server = start_server(registry, tmp, "--api-key", API_KEY, "--admin-key", ADMIN_KEY)
     yield server
     assert server.stop() == 0
 
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def test_listening_beyond_loopback_without_a_key_is_warned_about(open_server: Server) -> None:
+    warnings = [line for line in open_server.log().splitlines() if "without an API key" in line]
+    assert warnings and "WARNING" in warnings[0] and "0.0.0.0" in warnings[0], open_server.log()[-3000:]
+
+
+def test_no_warning_on_loopback_or_with_a_key(keyed_server: Server) -> None:
+    assert "without an API key" not in keyed_server.log()
+
+
+def test_with_no_key_a_loopback_client_may_reload(open_server: Server) -> None:
+    with open_server.client() as client:
+        answer = client.post("/admin/reload")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["unchanged"] == ["tiny"]
+
+
+def test_with_no_key_a_client_from_another_address_is_refused(open_server: Server) -> None:
+    address = own_non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to connect from")
+    with httpx.Client(base_url=f"http://{address}:{open_server.port}", timeout=30) as client:
+        assert client.get("/v1/models").status_code == 200  # the API itself is open: no key was set
+        refused = client.post("/admin/reload")
+    assert refused.status_code == 403, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "admin_loopback_only" and "--admin-key" in error["message"]
+
+
+def test_with_no_key_a_forwarded_remote_client_is_refused(open_server: Server) -> None:
+    """Behind a reverse proxy on this machine, the address it forwards decides, not the proxy's own."""
+    with open_server.client() as client:
+        refused = client.post("/admin/reload", headers={"X-Forwarded-For": "203.0.113.7"})
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_loopback_only"
+
+
+def test_the_admin_key_alone_opens_the_admin_endpoints(keyed_server: Server) -> None:
+    with keyed_server.client() as client:
+        for headers in ({}, bearer(API_KEY), bearer("wrong")):
+            refused = client.post("/admin/reload", headers=headers)
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert client.post("/admin/reload", headers=bearer(ADMIN_KEY)).status_code == 200
+        assert client.get("/v1/models", headers=bearer(API_KEY)).status_code == 200
+        assert client.get("/v1/models", headers=bearer(ADMIN_KEY)).status_code == 401
 
 
 def test_credentials_in_the_query_string_are_not_logged(keyed_server: Server) -> None:
@@ -47,3 +121,26 @@ def test_credentials_in_the_query_string_are_not_logged(keyed_server: Server) ->
 )
 def test_redaction_rules(path: str, logged: str) -> None:
     assert redact_query(path) == logged
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("10.0.0.1", False),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("testclient", False),
+        (None, False),
+    ],
+)
+def test_loopback_addresses(host: str | None, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_listening_addresses() -> None:
+    assert binds_loopback_only("127.0.0.1") and binds_loopback_only("localhost") and binds_loopback_only("::1")
+    assert not binds_loopback_only("0.0.0.0") and not binds_loopback_only("::")
