@@ -105,7 +105,6 @@ def serve(args: argparse.Namespace) -> int:
     from app import access_log
     from app.connections import H11_MAX_INCOMPLETE_EVENT, protocol_class
     from app.main import create_app
-    from app.reload import reload_logged
     from app.server import DrainingServer
     from worker.registry import RegistryError
 
@@ -136,8 +135,7 @@ def serve(args: argparse.Namespace) -> int:
     )
     access_log.install()  # after uvicorn.Config, which configures uvicorn's loggers
     warn_if_exposed(settings)
-    pool = app.state.pool
-    server = DrainingServer(config, pool, settings.drain_timeout, reload=lambda: reload_logged(settings, pool))
+    server = DrainingServer(config, app.state.pool, settings.drain_timeout, reload=app.state.reloader.reload_logged)
     server.run()
     if app.state.pool.all_failed():
         return 1

@@ -1,14 +1,17 @@
 """The admin endpoints and the edges of an exposed server: with no key, /admin/* answers loopback clients only (403
 for others, measured through this machine's own non-loopback address, and through a forwarded client address); with
---admin-key, only that key opens them. A server listening beyond loopback without a key says so at start.
-Credentials in a query string never reach the access log."""
+--admin-key, only that key opens them. A server listening beyond loopback without a key says so at start. One
+reload at a time (409, SIGHUP skipped), and no generated registry file outlives its use. Credentials in a query
+string never reach the access log."""
 
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -88,6 +91,48 @@ def test_with_no_key_a_forwarded_remote_client_is_refused(open_server: Server) -
     with open_server.client() as client:
         refused = client.post("/admin/reload", headers={"X-Forwarded-For": "203.0.113.7"})
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_loopback_only"
+
+
+def cards(client: httpx.Client) -> dict[str, dict[str, Any]]:
+    return {card["id"]: card for card in client.get("/v1/models").json()["data"]}
+
+
+def registry_dir(server: Server) -> Path:
+    """Where the server writes the registry its workers read: from a worker's command line."""
+    for proc in psutil.Process(server.process.pid).children(recursive=True):
+        cmdline = proc.cmdline()
+        if "--models" in cmdline and "--model" in cmdline:
+            return Path(cmdline[cmdline.index("--models") + 1]).parent
+    raise AssertionError("no worker process found")
+
+
+def test_a_reload_during_a_reload_is_refused(open_server: Server, tiny_llama_dir: Path) -> None:
+    path = open_server.log_path.parent / "models.yaml"
+    write_registry(path, [model_entry(tiny_llama_dir), model_entry(tiny_llama_dir, name="second")])
+    with open_server.client() as client:
+        first = client.post("/admin/reload")
+        assert first.status_code == 200 and first.json()["added"] == ["second"], first.text
+        again = client.post("/admin/reload")  # 'second' is still loading: its worker takes seconds to start
+        assert again.status_code == 409, again.text
+        error = again.json()["error"]
+        assert error["code"] == "reload_in_progress" and "'second' loading" in error["message"]
+        open_server.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "SIGHUP reload skipped" in open_server.log(), 30, "the SIGHUP reload to be skipped")
+
+        wait_until(lambda: cards(client)["second"]["state"] == "loaded", 120, "'second' to load")
+        write_registry(path, [model_entry(tiny_llama_dir)])
+        done = client.post("/admin/reload")
+        assert done.status_code == 200 and done.json()["removed"] == ["second"], done.text
+
+
+def test_generated_registry_files_are_deleted_once_no_worker_needs_them(open_server: Server) -> None:
+    with open_server.client() as client:
+        wait_until(lambda: client.post("/admin/reload").status_code == 200, 60, "the last reload to complete")
+        for _ in range(3):
+            assert client.post("/admin/reload").status_code == 200
+    # Several reloads, one file: the one every served model's worker would restart from.
+    files = sorted(registry_dir(open_server).glob("*.yaml"))
+    assert len(files) == 1, files
 
 
 def test_the_admin_key_alone_opens_the_admin_endpoints(keyed_server: Server) -> None:
