@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-from typing import Any
+import types
+from typing import Any, Union, get_args, get_origin
 
+from app.settings import Settings
 from worker.generate import build_parser as build_generate_parser
 
 
@@ -17,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the models of a registry over HTTP",
         description="Start the API process and one worker process per model in the registry. Every flag can also "
         "be set as an environment variable TOKENMILL_<FLAG> (e.g. TOKENMILL_API_KEY). SIGHUP, or POST /admin/reload "
-        "with the API key, re-reads the registry without a restart.",
+        "(with the admin key, else the API key; with neither, from this machine only), re-reads the registry "
+        "without a restart.",
     )
     serve.add_argument("--models", help="the models.yaml registry (default: the bundled one, SmolLM2)")
     serve.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
@@ -46,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout", type=float, help="on SIGTERM, seconds for in-flight requests (default: 30)")
     serve.add_argument("--cache-dir", help="where converted weights are cached (default: ~/.cache/tokenmill)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(default: info)")
+    add_setting_flags(serve)
     ray = serve.add_argument_group("Ray Serve", "run replicas of this server as a Ray Serve application")
     ray.add_argument("--ray", action="store_true", help="deploy on Ray Serve (pip install 'tokenmill[ray]')")
     ray.add_argument("--ray-address", default=None, help="a cluster to join ('auto', 'ray://...'); default: a new one")
@@ -62,16 +67,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve(args: argparse.Namespace) -> int:
-    import logging
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag for every setting that documents itself (a `description` in app.settings) and has none above: its
+    help, type and default come from the settings model."""
+    taken = {option for action in parser._actions for option in action.option_strings}
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if field.description is None or flag in taken:
+            continue
+        kinds = [kind for kind in get_args(field.annotation) if kind is not type(None)]
+        is_union = get_origin(field.annotation) in (Union, types.UnionType)
+        kind = kinds[0] if is_union and len(kinds) == 1 else field.annotation
+        default = f" (default: {field.default:g})" if isinstance(field.default, float) else ""
+        default = default or (f" (default: {field.default})" if field.default not in (None, False) else "")
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=field.description + default)
+        else:
+            value_type = kind if kind in (int, float) else str
+            parser.add_argument(flag, type=value_type, metavar=name.upper(), help=field.description + default)
 
+
+def warn_if_exposed(settings: Settings) -> None:
+    """A listener other machines can reach, and no API key: say so at start, where the operator looks."""
+    from app.auth import binds_loopback_only
+
+    if binds_loopback_only(settings.host) or settings.api_keys():
+        return
+    admin = "with --admin-key" if settings.admin_key else "only from this machine (no --admin-key)"
+    logging.getLogger("tokenmill").warning(
+        "listening on %s without an API key: anyone who can reach port %d can use the API; set --api-key "
+        "(TOKENMILL_API_KEY) to require one. /admin/* answers %s.",
+        settings.host,
+        settings.port,
+        admin,
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
+    from app import access_log
+    from app.connections import H11_MAX_INCOMPLETE_EVENT, protocol_class
     from app.main import create_app
-    from app.reload import reload_logged
     from app.server import DrainingServer
-    from app.settings import Settings
     from worker.registry import RegistryError
 
     given: dict[str, Any] = {
@@ -96,9 +135,12 @@ def serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=5,  # the drain happened before uvicorn is told to stop
+        http=protocol_class(settings.header_read_timeout, settings.max_connections),
+        h11_max_incomplete_event_size=H11_MAX_INCOMPLETE_EVENT,
     )
-    pool = app.state.pool
-    server = DrainingServer(config, pool, settings.drain_timeout, reload=lambda: reload_logged(settings, pool))
+    access_log.install()  # after uvicorn.Config, which configures uvicorn's loggers
+    warn_if_exposed(settings)
+    server = DrainingServer(config, app.state.pool, settings.drain_timeout, reload=app.state.reloader.reload_logged)
     server.run()
     if app.state.pool.all_failed():
         return 1

@@ -15,6 +15,7 @@ from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.metrics import Metrics
 from app.model_pool import ModelPool
+from app.reload import Reloader
 from app.routes import admin, health, openai, tokenize
 from app.serving import Serving
 from app.settings import Settings
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.pool = pool
+    app.state.reloader = Reloader(settings, pool)
     app.state.serving = Serving(pool, metrics, settings)
     install_error_handlers(app)
     app.include_router(openai.router)
@@ -56,7 +58,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     # Added last, runs first: header and declared-size limits, then the API key, then the streamed body; no body is
     # read for a client without a key.
-    app.add_middleware(ApiKeyGuard, keys=settings.api_keys(), metrics_open=settings.metrics_open)
+    app.add_middleware(
+        ApiKeyGuard, keys=settings.api_keys(), metrics_open=settings.metrics_open, admin_keys=settings.admin_keys()
+    )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, read_timeout=settings.body_read_timeout)
     return app
 

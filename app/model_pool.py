@@ -97,16 +97,32 @@ class ModelPool:
         self.start_timeout = self.policy.start_timeout
         self.lazy_wait = 120.0  # a request for a lazy model waits this long for the load, then gets 503
         self._reaper: asyncio.Task[None] | None = None
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: dict[asyncio.Task[None], ServedModel] = {}  # removed or replaced models, draining
+        self._reload_loads: dict[str, asyncio.Task[None]] = {}  # loads the last reload started, by model
         self._reload_lock = asyncio.Lock()
 
     def _write(self, registry: Registry) -> Path:
         """Write the effective registry for workers to read. Each reload writes a new file: a worker of an older
-        generation reads its own file again when the supervisor restarts it."""
+        generation reads its own file again when the supervisor restarts it, until it stops (see _prune_files)."""
         self._generation += 1
         path = self._dir / f"models-{self._generation}.yaml"
         path.write_text(yaml.safe_dump(registry.model_dump(mode="json"), sort_keys=False))
         return path
+
+    def _prune_files(self) -> None:
+        """Delete the registry files no worker can read again: not the current one, nor one a served or draining
+        model's worker would be restarted from."""
+        models = [*self.models.values(), *self._retiring.values()]
+        in_use = {self.registry_path, *(model.client.models_path for model in models)}
+        for path in self._dir.glob("models-*.yaml"):
+            if path not in in_use:
+                path.unlink(missing_ok=True)
+
+    def settling(self) -> list[str]:
+        """What the last reload still waits for: models it removed or replaced that are still stopping, or models
+        it added or replaced that are still loading. Empty once that reload is complete."""
+        pending = [f"'{model.name}' stopping" for model in self._retiring.values()]
+        return pending + [f"'{name}' loading" for name, task in self._reload_loads.items() if not task.done()]
 
     def _add(self, entry: ModelEntry) -> ServedModel:
         client = EngineClient(entry.name, self.registry_path, entry.max_waiting_requests, self.cache_dir)
@@ -198,6 +214,7 @@ class ModelPool:
                 raise APIError.unavailable("the server is shutting down", retry_after=5)
             self.registry = registry
             self.registry_path = self._write(registry)
+            self._reload_loads = {}
             report = ReloadReport()
             wanted = {entry.name for entry in registry.models}
             for name in [name for name in self.models if name not in wanted]:
@@ -208,17 +225,19 @@ class ModelPool:
                 if old is None:
                     model = self._add(entry)
                     if entry.load == "eager":
-                        self._load(model)
+                        self._reload_loads[entry.name] = self._load(model)
                     report.added.append(entry.name)
                 elif _worker_view(old.entry) == _worker_view(entry) and not old.client.failed:
                     old.entry = entry
+                    old.client.models_path = self.registry_path  # the same entry for its worker, in the new file
                     if entry.load == "eager" and old.unloaded:
-                        self._load(old)
+                        self._reload_loads[entry.name] = self._load(old)
                     report.unchanged.append(entry.name)
                 else:
-                    self._replace(old, self._add(entry))
+                    self._reload_loads[entry.name] = self._replace(old, self._add(entry))
                     report.replaced.append(entry.name)
             self._index_aliases()
+            self._prune_files()
             log.info(
                 "registry reloaded: added %s, removed %s, replaced %s, unchanged %s",
                 report.added or "-",
@@ -228,7 +247,7 @@ class ModelPool:
             )
             return report
 
-    def _replace(self, old: ServedModel, new: ServedModel) -> None:
+    def _replace(self, old: ServedModel, new: ServedModel) -> asyncio.Task[None]:
         """Swap `new` in for `old`: requests wait while `old` drains and stops, then `new` starts (if `old` was
         loaded or is eager; an unloaded lazy model stays unloaded)."""
         load = new.entry.load == "eager" or not old.unloaded
@@ -241,6 +260,7 @@ class ModelPool:
 
         new.replacing = True
         new.loading = asyncio.create_task(swap())
+        return new.loading
 
     def _retire(self, model: ServedModel) -> asyncio.Task[None]:
         """Stop `model` once its in-flight requests finish (or the drain timeout passes)."""
@@ -255,9 +275,13 @@ class ModelPool:
             log.info("model '%s' (%s) stopped", model.name, "replaced" if model.name in self.models else "removed")
 
         task = asyncio.create_task(drain())
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._retiring[task] = model
+        task.add_done_callback(self._retired)
         return task
+
+    def _retired(self, task: asyncio.Task[None]) -> None:
+        self._retiring.pop(task, None)
+        self._prune_files()
 
     async def stop(self) -> None:
         if self._reaper is not None:

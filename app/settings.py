@@ -49,6 +49,17 @@ class Settings(BaseSettings):
     watchdog_seconds: float = Field(default=15.0, gt=0)  # no engine step for this long with work pending: restart
     max_worker_restarts: int = Field(default=3, ge=0)  # per model within 5 minutes, then the model is failed
     drain_timeout: float = Field(default=30.0, ge=0)  # on SIGTERM, how long in-flight requests may take
+    admin_key: str | None = Field(
+        default=None,
+        description="key for /admin/* ('Authorization: Bearer KEY'); default: the API key; with neither, only "
+        "loopback clients may use them",
+    )
+    header_read_timeout: float = Field(
+        default=10.0, gt=0, description="seconds a client may take to send a request's headers; then 408 and close"
+    )
+    max_connections: int = Field(
+        default=1000, ge=1, description="open HTTP connections; past it a new one gets 503 and is closed"
+    )
     log_level: str = "info"
 
     @field_validator("kv_cache_memory", mode="before")
@@ -65,6 +76,10 @@ class Settings(BaseSettings):
             if not keys:
                 raise ValueError(f"{self.api_key_file}: no API keys in the file")
         return keys
+
+    def admin_keys(self) -> list[str]:
+        """The keys /admin/* accepts: the admin key, else every API key; empty means loopback clients only."""
+        return [self.admin_key] if self.admin_key else self.api_keys()
 
     def registry(self) -> Registry:
         """models.yaml with this server's engine overrides applied to every entry."""
