@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,7 +80,11 @@ class EngineClient:
         )
         self._handle = handle
         self.info = handle.info
-        reader, self._writer = await asyncio.open_unix_connection(sock=handle.sock)
+        await self._attach(handle.sock)
+
+    async def _attach(self, sock: socket.socket) -> None:
+        """Read the worker's frames from this (connected) socket from now on."""
+        reader, self._writer = await asyncio.open_unix_connection(sock=sock)
         self.last_step_time = time.monotonic()
         self._reader_task = asyncio.create_task(self._read_loop(reader), name=f"tokenmill-reader-{self.name}")
         self.error = None
@@ -170,13 +175,14 @@ class EngineClient:
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                header = await reader.readexactly(4)
-                payload = await reader.readexactly(int.from_bytes(header, "big"))
-                message = transport.from_worker_decoder.decode(payload)
+                message = transport.from_worker_decoder.decode(await transport.read_frame(reader))
                 if isinstance(message, StepOutput):
                     self._dispatch(message)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             self._fail(f"worker for model '{self.name}' exited: {exc}")
+        except transport.FrameTooLarge as exc:
+            log.error("worker for model '%s' broke the frame protocol: %s", self.name, exc)
+            self._fail(f"worker link for model '{self.name}' broke: {exc}")
         except Exception as exc:
             log.exception("reader for %s failed", self.name)
             self._fail(f"worker link for model '{self.name}' failed: {exc}")
