@@ -39,5 +39,6 @@ def test_oversized_frame_from_the_worker_is_refused(tmp_path: Path, caplog: pyte
     assert isinstance(first, RequestOutput) and first.new_token_ids == [5]
     assert isinstance(second, WorkerGone) and "exceeds" in str(second)
     assert not client.ready and not client.streams
+    assert client.error is not None and "bytes" not in client.error  # what a client may see stays plain
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any("broke the frame protocol" in m and str(transport.MAX_FRAME) in m for m in errors), errors
