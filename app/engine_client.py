@@ -8,17 +8,20 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.liveness import Liveness
 from worker import transport
 from worker.launcher import WorkerHandle, start_worker
 from worker.messages import (
     AbortRequest,
     AddRequest,
+    Heartbeat,
     ModelInfo,
     RequestOutput,
     SamplingParams,
@@ -30,7 +33,8 @@ log = logging.getLogger("tokenmill.engine_client")
 
 
 class WorkerGone(RuntimeError):
-    """The worker process died or closed its socket while requests were in flight."""
+    """The worker process died or closed its socket while requests were in flight. The text says how, for the log;
+    clients get a fixed message instead (`APIError.worker_lost`)."""
 
 
 @dataclass
@@ -57,7 +61,7 @@ class EngineClient:
         self.info: ModelInfo | None = None
         self.streams: dict[str, RequestStream] = {}
         self._admitting: set[asyncio.Task[Any]] = set()  # admitted API requests with nothing submitted yet
-        self.last_step_time = 0.0
+        self.liveness = Liveness()  # what the supervisor's watchdog judges
         self.on_step: list[Callable[[StepOutput], None]] = []
         self.error: str | None = None
         self.failed = False  # given up on: no restart will follow
@@ -71,16 +75,25 @@ class EngineClient:
     def ready(self) -> bool:
         return self._writer is not None and self.error is None
 
-    async def start(self, start_timeout: float = 600.0) -> None:
+    async def start(self, start_timeout: float = 600.0, heartbeat_seconds: float = 1.0) -> None:
         """Start the worker (again, after a crash: the old process is reaped first)."""
         await self._close_handle()
         handle = await asyncio.to_thread(
-            start_worker, self.models_path, self.name, cache_dir=self.cache_dir, start_timeout=start_timeout
+            start_worker,
+            self.models_path,
+            self.name,
+            cache_dir=self.cache_dir,
+            start_timeout=start_timeout,
+            heartbeat_seconds=heartbeat_seconds,
         )
         self._handle = handle
         self.info = handle.info
-        reader, self._writer = await asyncio.open_unix_connection(sock=handle.sock)
-        self.last_step_time = time.monotonic()
+        await self._attach(handle.sock)
+
+    async def _attach(self, sock: socket.socket) -> None:
+        """Read the worker's frames from this (connected) socket from now on."""
+        reader, self._writer = await asyncio.open_unix_connection(sock=sock)
+        self.liveness.reset(time.monotonic())
         self._reader_task = asyncio.create_task(self._read_loop(reader), name=f"tokenmill-reader-{self.name}")
         self.error = None
 
@@ -144,7 +157,7 @@ class EngineClient:
     def open_stream(self, request_id: str) -> RequestStream:
         """Registers a request's stream before it is submitted, so it counts as waiting from now on."""
         if not self.streams:
-            self.last_step_time = time.monotonic()  # idle until now: the watchdog counts from here
+            self.liveness.work_arrived(time.monotonic())
         return self.streams.setdefault(request_id, RequestStream(request_id))
 
     def new_request_id(self, prefix: str) -> str:
@@ -170,19 +183,22 @@ class EngineClient:
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                header = await reader.readexactly(4)
-                payload = await reader.readexactly(int.from_bytes(header, "big"))
-                message = transport.from_worker_decoder.decode(payload)
+                message = transport.from_worker_decoder.decode(await transport.read_frame(reader))
                 if isinstance(message, StepOutput):
                     self._dispatch(message)
+                elif isinstance(message, Heartbeat):
+                    self.liveness.heartbeat(time.monotonic(), message)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             self._fail(f"worker for model '{self.name}' exited: {exc}")
+        except transport.FrameTooLarge as exc:
+            log.error("worker for model '%s' broke the frame protocol: %s", self.name, exc)
+            self._fail(f"worker link for model '{self.name}' broke: {exc}")
         except Exception as exc:
             log.exception("reader for %s failed", self.name)
             self._fail(f"worker link for model '{self.name}' failed: {exc}")
 
     def _dispatch(self, message: StepOutput) -> None:
-        self.last_step_time = time.monotonic()
+        self.liveness.stepped(time.monotonic())
         for out in message.outputs:
             stream = self.streams.get(out.request_id)
             if stream is None:
@@ -195,7 +211,9 @@ class EngineClient:
             listener(message)
 
     def _fail(self, reason: str) -> None:
-        self.error = reason
+        """The worker is gone; `reason` (how, with the OS's words) goes to the log through `on_lost`, never to a
+        client."""
+        self.error = f"The worker for model '{self.name}' stopped unexpectedly; it is being restarted."
         self._writer = None
         streams, self.streams = self.streams, {}
         for stream in streams.values():

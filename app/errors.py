@@ -107,6 +107,16 @@ class APIError(Exception):
         return cls(503, message, type="server_error", code="service_unavailable", headers=_retry_after(retry_after))
 
     @classmethod
+    def worker_lost(cls, model: str, restarting: bool) -> APIError:
+        """503 for the requests a worker took down with it. How it went (signals, socket errors) is in the log; the
+        client gets a fixed text and code that say what to do."""
+        if restarting:
+            message = f"The worker for model '{model}' stopped unexpectedly; it is being restarted. Retry the request."
+            return cls(503, message, type="server_error", code="worker_restarting", headers=_retry_after(5))
+        message = f"The worker for model '{model}' stopped unexpectedly and kept failing; the model is out of service."
+        return cls(503, message, type="server_error", code="model_failed")
+
+    @classmethod
     def internal(cls, request_id: str) -> APIError:
         message = f"The server had an error while processing your request (request id {request_id})."
         return cls(500, message, type="server_error", headers={"x-request-id": request_id})

@@ -162,7 +162,7 @@ class Generation:
     def _fold(self, choice: Choice, item: RequestOutput | Exception) -> Delta:
         if isinstance(item, Exception):
             self.abort("worker_error")
-            raise APIError.unavailable(f"model '{self.served.name}' failed: {item}", retry_after=5)
+            raise APIError.worker_lost(self.served.name, restarting=not self.client.failed)
         if item.error is not None:
             choice.finish_reason = "error"  # already gone from the worker
             self.abort(item.error_code or "error")

@@ -186,7 +186,7 @@ class ModelPool:
 
     async def _start(self, model: ServedModel, timeout: float) -> None:
         try:
-            await model.client.start(timeout)
+            await model.client.start(timeout, self.policy.heartbeat)
         except Exception as exc:
             model.client.mark_failed(f"model '{model.name}' failed to start: {exc}")
             self._model_failed(model.client.error or "")

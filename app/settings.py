@@ -46,7 +46,8 @@ class Settings(BaseSettings):
     request_timeout: float | None = Field(default=None, gt=0)  # seconds; a request's own `timeout` may lower it
     keepalive_seconds: float = Field(default=15.0, gt=0)
     worker_start_timeout: float = Field(default=600.0, gt=0)
-    watchdog_seconds: float = Field(default=15.0, gt=0)  # no engine step for this long with work pending: restart
+    # no progress (a step, or a heartbeat showing the worker computing) for this long with work pending: restart
+    watchdog_seconds: float = Field(default=15.0, gt=0)
     max_worker_restarts: int = Field(default=3, ge=0)  # per model within 5 minutes, then the model is failed
     drain_timeout: float = Field(default=30.0, ge=0)  # on SIGTERM, how long in-flight requests may take
     admin_key: str | None = Field(

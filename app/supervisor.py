@@ -1,6 +1,7 @@
 """`Supervisor`: keeps one model's worker alive. A worker that dies is restarted with backoff, a bounded number of
-times in a window, then the model is marked failed; a worker that stops making progress while work is pending
-(hung, or stopped) is killed by the watchdog and so restarted the same way.
+times in a window, then the model is marked failed; a worker that shows no progress for `watchdog` seconds while
+work is pending (deadlocked, or stopped; not merely in a long step: see app.liveness) is killed by the watchdog and
+so restarted the same way.
 """
 
 from __future__ import annotations
@@ -22,8 +23,14 @@ class RestartPolicy:
     max_restarts: int = 3  # within `window` seconds; one more crash marks the model failed
     window: float = 300.0
     backoff: float = 0.5  # first delay; doubles with each crash in the window
-    watchdog: float = 15.0  # seconds without a step while requests are pending
+    watchdog: float = 15.0  # seconds without progress (a step, or a heartbeat showing CPU use) while work is pending
     start_timeout: float = 600.0
+
+    @property
+    def heartbeat(self) -> float:
+        """How often a worker reports progress: four times a watchdog period, so that a healthy worker never looks
+        stalled for more than three quarters of it (an interval credited back, one waited for, one check period)."""
+        return self.watchdog / 4
 
 
 class Supervisor:
@@ -53,23 +60,25 @@ class Supervisor:
         task.add_done_callback(self._tasks.discard)
 
     def _lost(self, reason: str) -> None:
-        if not self.stopping:
-            log.error("%s", reason)
-            self._spawn(self._restart(reason))
-
-    async def _restart(self, reason: str) -> None:
+        """Decides at once, before the failed requests are answered, whether a restart follows (they say so)."""
+        if self.stopping:
+            return
+        log.error("%s", reason)
         now = time.monotonic()
         self.crashes = [t for t in self.crashes if now - t < self.policy.window] + [now]
         if len(self.crashes) > self.policy.max_restarts:
-            message = f"{reason}; gave up after {self.policy.max_restarts} restarts in {self.policy.window:.0f} s"
-            self.client.mark_failed(message)
-            self.on_failed(message)
+            gave_up = f"gave up after {self.policy.max_restarts} restarts in {self.policy.window:.0f} s"
+            self.client.mark_failed(f"The worker for model '{self.client.name}' kept failing; {gave_up}.")
+            self.on_failed(f"{reason}; {gave_up}")
             return
+        self._spawn(self._restart())
+
+    async def _restart(self) -> None:
         delay = self.policy.backoff * 2 ** (len(self.crashes) - 1)
         log.warning("restarting the worker of '%s' in %.1f s (crash %d)", self.client.name, delay, len(self.crashes))
         await asyncio.sleep(delay)
         try:
-            await self.client.start(self.policy.start_timeout)
+            await self.client.start(self.policy.start_timeout, self.policy.heartbeat)
         except Exception as exc:
             self._lost(f"worker for model '{self.client.name}' failed to restart: {exc}")
             return
@@ -80,8 +89,13 @@ class Supervisor:
         period = min(1.0, self.policy.watchdog / 4)
         while True:
             await asyncio.sleep(period)
-            client = self.client
-            stalled = time.monotonic() - client.last_step_time
+            client, now = self.client, time.monotonic()
+            stalled = client.liveness.stalled(now)
             if client.ready and client.streams and stalled > self.policy.watchdog:
-                log.error("worker of '%s': no step for %.1f s with work pending; killing it", client.name, stalled)
+                log.error(
+                    "worker of '%s': no progress for %.1f s with work pending (%s); killing it",
+                    client.name,
+                    stalled,
+                    client.liveness.describe(now),
+                )
                 client.kill()

@@ -1,5 +1,9 @@
 """The worker process: one per model. Loads it, then loops: drain the inbox, step while there is work, send ONE
 StepOutput per step. A reader thread owns the socket's input, so the busy loop never waits on I/O.
+
+A heartbeat thread sends a `Heartbeat` every few seconds whatever the loop is doing, with the process's CPU time:
+a step that runs long (a big prompt on a CPU) keeps burning CPU, a deadlocked loop does not, and a stopped process
+sends nothing. The API process judges from that (app.liveness); the worker only reports.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import queue
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import msgspec
@@ -21,6 +26,7 @@ from worker.loader import load_model
 from worker.messages import (
     AbortRequest,
     AddRequest,
+    Heartbeat,
     InvalidRequest,
     RequestOutput,
     Shutdown,
@@ -43,10 +49,39 @@ def _reader(sock: socket.socket, inbox: queue.Queue[ToWorker | None]) -> None:
     inbox.put(None)
 
 
-def serve(sock: socket.socket, engine: Engine) -> None:
+class StepClock:
+    """When the step now running began (0.0 between steps): written by the loop, read by the heartbeat thread."""
+
+    started = 0.0
+
+
+def _heartbeat(
+    sender: transport.Sender, engine: Engine, clock: StepClock, period: float, stop: threading.Event
+) -> None:
+    try:
+        while not stop.wait(period):
+            now, started = time.monotonic(), clock.started
+            running = now - started if started else 0.0
+            sender.send(Heartbeat(now, time.process_time(), engine.step_count, running))
+    except OSError as exc:
+        log.info("heartbeat stopped: %s", exc)
+
+
+def serve(sock: socket.socket, engine: Engine, heartbeat_seconds: float = 1.0) -> None:
+    sender = transport.Sender(sock)  # the loop and the heartbeat thread both write frames
     inbox: queue.Queue[ToWorker | None] = queue.Queue()
     threading.Thread(target=_reader, args=(sock, inbox), name="tokenmill-reader", daemon=True).start()
-    transport.send(sock, engine.model_info())
+    sender.send(engine.model_info())
+    clock, stop = StepClock(), threading.Event()
+    beat_args = (sender, engine, clock, heartbeat_seconds, stop)
+    threading.Thread(target=_heartbeat, args=beat_args, name="tokenmill-heartbeat", daemon=True).start()
+    try:
+        _loop(sender, inbox, engine, clock)
+    finally:
+        stop.set()
+
+
+def _loop(sender: transport.Sender, inbox: queue.Queue[ToWorker | None], engine: Engine, clock: StepClock) -> None:
     trimmer = HeapTrimmer()
     trimmer.trim()  # what loading and packing the weights freed (25 MiB for SmolLM2)
     while True:
@@ -78,11 +113,13 @@ def serve(sock: socket.socket, engine: Engine) -> None:
             elif isinstance(message, AbortRequest):
                 engine.abort(message.request_ids)
         if engine.has_work():
+            clock.started = time.monotonic()
             out = engine.step()
+            clock.started = 0.0
             out.outputs.extend(rejected)
-            transport.send(sock, out)
+            sender.send(out)
         elif rejected:
-            transport.send(sock, StepOutput(engine.step_count, rejected, engine.stats()))
+            sender.send(StepOutput(engine.step_count, rejected, engine.stats()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="the entry's name")
     parser.add_argument("--socket", required=True, help="Unix-domain socket of the API process")
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--heartbeat-seconds", type=float, default=1.0, help="period of the liveness heartbeat")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[{args.model}] %(levelname)s %(message)s")
 
@@ -109,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         transport.send(sock, WorkerError(f"{type(exc).__name__}: {exc}"))
         return 1
     try:
-        serve(sock, engine)
+        serve(sock, engine, args.heartbeat_seconds)
     except (BrokenPipeError, ConnectionResetError):
         log.info("the API process went away; exiting")
     return 0

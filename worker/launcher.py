@@ -44,7 +44,12 @@ class WorkerHandle:
 
 
 def start_worker(
-    models: str | Path, model: str, *, cache_dir: str | Path | None = None, start_timeout: float = 600.0
+    models: str | Path,
+    model: str,
+    *,
+    cache_dir: str | Path | None = None,
+    start_timeout: float = 600.0,
+    heartbeat_seconds: float = 1.0,
 ) -> WorkerHandle:
     socket_dir = Path(tempfile.mkdtemp(prefix="tokenmill-"))
     os.chmod(socket_dir, 0o700)
@@ -54,6 +59,7 @@ def start_worker(
     os.chmod(path, 0o600)
     listener.listen(1)
     cmd = [sys.executable, "-m", "worker", "--models", str(models), "--model", model, "--socket", str(path)]
+    cmd += ["--heartbeat-seconds", str(heartbeat_seconds)]
     if cache_dir is not None:
         cmd += ["--cache-dir", str(cache_dir)]
     process = subprocess.Popen(cmd)

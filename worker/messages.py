@@ -193,5 +193,15 @@ class WorkerError(msgspec.Struct, tag=True):
     message: str
 
 
+class Heartbeat(msgspec.Struct, tag=True):
+    """Sent by a worker's heartbeat thread every few seconds, whatever its main loop is doing: evidence of progress
+    that a long step cannot block and a deadlock cannot fake (see app.liveness)."""
+
+    monotonic: float  # the worker's clock when it was sent
+    cpu_seconds: float  # CPU time of the whole worker process so far (all threads: the forward's too)
+    step: int  # engine steps finished
+    step_seconds: float  # how long the step now running has run; 0 between steps
+
+
 ToWorker = AddRequest | AbortRequest | Shutdown
-FromWorker = StepOutput | ModelInfo | WorkerError
+FromWorker = StepOutput | ModelInfo | WorkerError | Heartbeat

@@ -23,6 +23,7 @@ import pytest
 from tests.server_harness import Server, model_entry, start_server, wait_until, write_registry
 
 MARK = 7  # a prompt holding this token id makes the worker's step fail (TOKENMILL_TEST_FAULT)
+LOST = "The worker for model 'tiny' stopped unexpectedly; it is being restarted. Retry the request."
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +80,13 @@ def test_killed_worker_fails_in_flight_requests_and_comes_back(server: Server) -
         streaming.join(30)
         blocking.join(30)
         assert not streaming.is_alive() and not blocking.is_alive()
-        # the stream ends with an OpenAI-shaped error event, then [DONE]
+        # the stream ends with an OpenAI-shaped error event, then [DONE]; both say the same short fixed thing
         assert events[-1] == "data: [DONE]"
         error = json.loads(events[-2].removeprefix("data: "))["error"]
-        assert error["code"] is not None and "tiny" in error["message"]
-        assert pending[0].status_code == 503 and pending[0].json()["error"]["type"]
+        assert error == {"message": LOST, "type": "server_error", "param": None, "code": "worker_restarting"}
+        assert pending[0].status_code == 503 and pending[0].json()["error"] == error
+        assert pending[0].headers["retry-after"] == "5"
+        assert "worker for model 'tiny' exited: " in server.log()  # how it went is in the log
         wait_until(lambda: client.get("/ready").status_code == 200, 60, "ready again", interval=0.05)
         again = completion(client)
         assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 8
@@ -98,6 +101,7 @@ def test_hung_worker_is_killed_by_the_watchdog(server: Server) -> None:
             start = time.monotonic()
             response = completion(client, max_tokens=50)
             assert response.status_code == 503, response.text
+            assert response.json()["error"]["message"] == LOST
             assert time.monotonic() - start < 15
         finally:
             with contextlib.suppress(ProcessLookupError):
@@ -127,3 +131,26 @@ def test_failed_step_fails_its_request_and_the_worker_survives(
             assert running(client) == 0
     finally:
         assert server.stop() == 0
+
+
+def test_worker_that_keeps_failing_takes_its_model_out_of_service(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    registry = write_registry(tmp_path / "models.yaml", [model_entry(tiny_llama_dir)])
+    server = start_server(registry, tmp_path, "--max-worker-restarts", "0")
+    try:
+        with server.client(timeout=60) as client:
+            pending: list[httpx.Response] = []
+            blocking = threading.Thread(
+                target=lambda: pending.append(completion(client, max_tokens=490, ignore_eos=True))
+            )
+            blocking.start()
+            wait_until(lambda: running(client) == 1, 10, "running", interval=0.05)
+            os.kill(worker_pid(server), signal.SIGKILL)
+            blocking.join(30)
+        error = pending[0].json()["error"]
+        assert pending[0].status_code == 503 and error["code"] == "model_failed", error
+        assert error["message"].startswith("The worker for model 'tiny' stopped unexpectedly")
+        assert "restart" not in error["message"] and "bytes" not in error["message"]  # none will follow
+        server.process.wait(30)  # with no model left to serve, the server exits by itself
+        assert "gave up after 0 restarts" in server.log()
+    finally:
+        assert server.stop() == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,20 @@ def test_fault_spec_is_validated() -> None:
         fault_hook("explode")
     with pytest.raises(ValueError, match="slow:MILLISECONDS"):
         fault_hook("slow:soon")
+    with pytest.raises(ValueError, match="busy:TOKEN_ID:MILLISECONDS"):
+        fault_hook("busy:7")
+    with pytest.raises(ValueError, match="hang:TOKEN_ID"):
+        fault_hook("raise:3,hang:soon")
+
+
+def test_several_faults_and_a_busy_step() -> None:
+    """`busy` computes for its time (CPU, not sleep: the watchdog must see a working step), only for its token."""
+    hook = fault_hook("raise:3,busy:4:300")
+    with pytest.raises(RuntimeError, match="injected fault"):
+        hook([[1, 3]])
+    wall, cpu = time.monotonic(), time.process_time()
+    hook([[1, 2]])
+    assert time.monotonic() - wall < 0.2
+    hook([[4, 2]])
+    assert time.monotonic() - wall >= 0.3
+    assert time.process_time() - cpu > 0.03  # a sleep would use next to none, even on a loaded machine

@@ -1,7 +1,9 @@
-"""The worker process over its real transport: start it, send requests and an abort, read step outputs, stop it."""
+"""The worker process over its real transport: start it, send requests and an abort, read step outputs and
+heartbeats, stop it."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,11 +13,12 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
+from app.liveness import MIN_CPU_SHARE
 from tests.server_harness import model_entry
 from tests.worker.engine_harness import random_prompts, reference
 from worker import transport
 from worker.launcher import WorkerHandle, WorkerStartError, start_worker
-from worker.messages import AbortRequest, AddRequest, SamplingParams, StepOutput
+from worker.messages import AbortRequest, AddRequest, Heartbeat, SamplingParams, StepOutput
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,7 @@ def registry(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module")
 def worker(registry: Path) -> Iterator[WorkerHandle]:
-    handle = start_worker(registry, "tiny", start_timeout=120)
+    handle = start_worker(registry, "tiny", start_timeout=120, heartbeat_seconds=0.2)
     yield handle
     assert handle.close() == 0
 
@@ -41,6 +44,8 @@ def read_until(
     finish: dict[str, str] = {}
     while not done <= finish.keys():
         message = transport.recv(sock, transport.from_worker_decoder)
+        if isinstance(message, Heartbeat):
+            continue
         assert isinstance(message, StepOutput)
         seen = [o.request_id for o in message.outputs]
         assert len(seen) == len(set(seen)), "one output per request per step"
@@ -84,3 +89,22 @@ def test_bad_registry_entry_fails_the_start(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"models": [{"name": "ghost", "source": str(tmp_path / "missing")}]}))
     with pytest.raises(WorkerStartError, match="ghost"):
         start_worker(path, "ghost", start_timeout=60)
+
+
+def test_idle_worker_beats_without_using_cpu(worker: WorkerHandle) -> None:
+    """Heartbeats come on their own; an idle worker (as a deadlocked one) shows next to no CPU in them."""
+    transport.send(worker.sock, AddRequest("warm", [5, 6, 7], SamplingParams(max_tokens=2)))
+    read_until(worker.sock, {"warm"})
+    worker.sock.settimeout(10)
+    beats: list[Heartbeat] = []
+    while len(beats) < 8:
+        message = transport.recv(worker.sock, transport.from_worker_decoder)
+        assert isinstance(message, Heartbeat), message
+        beats.append(message)
+    assert all(b.step == beats[0].step > 0 and b.step_seconds == 0.0 for b in beats)
+    gaps = [b.monotonic - a.monotonic for a, b in itertools.pairwise(beats)]
+    assert all(0.1 < gap < 2.0 for gap in gaps), gaps
+    # the first beats may still see the last step's threads wind down; the later ones are idle
+    later = beats[3:]
+    share = (later[-1].cpu_seconds - later[0].cpu_seconds) / (later[-1].monotonic - later[0].monotonic)
+    assert 0 <= share < MIN_CPU_SHARE / 2, share
