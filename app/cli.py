@@ -30,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-file", help="a file of accepted keys, one per line (with or without --api-key)")
     serve.add_argument("--metrics-open", action="store_true", default=None, help="serve /metrics without the key")
     serve.add_argument("--max-waiting-requests", type=int, help="bounded waiting queue per model; past it: 429")
-    serve.add_argument("--threads", type=int, help="torch threads per worker (default: all usable cores but one)")
+    serve.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per worker (default: every usable core, fewer while other processes keep cores busy)",
+    )
     serve.add_argument("--kv-cache-memory", help="KV cache per model, bytes or '512MiB' (default: per registry)")
     serve.add_argument(
         "--gpu-memory-utilization", type=float, help="CUDA: share of the device's memory a model may use (0.9)"

@@ -35,7 +35,7 @@ from worker.messages import (
     WorkerError,
 )
 from worker.registry import load_registry
-from worker.runtime import HeapTrimmer, configure_threads
+from worker.runtime import HeapTrimmer, ThreadGovernor, configure_threads
 
 log = logging.getLogger("tokenmill.worker")
 
@@ -67,7 +67,10 @@ def _heartbeat(
         log.info("heartbeat stopped: %s", exc)
 
 
-def serve(sock: socket.socket, engine: Engine, heartbeat_seconds: float = 1.0) -> None:
+def serve(
+    sock: socket.socket, engine: Engine, heartbeat_seconds: float = 1.0, governor: ThreadGovernor | None = None
+) -> None:
+    """`governor`: adapts torch's threads to the cores other processes leave free (None: the count stays)."""
     sender = transport.Sender(sock)  # the loop and the heartbeat thread both write frames
     inbox: queue.Queue[ToWorker | None] = queue.Queue()
     threading.Thread(target=_reader, args=(sock, inbox), name="tokenmill-reader", daemon=True).start()
@@ -76,12 +79,18 @@ def serve(sock: socket.socket, engine: Engine, heartbeat_seconds: float = 1.0) -
     beat_args = (sender, engine, clock, heartbeat_seconds, stop)
     threading.Thread(target=_heartbeat, args=beat_args, name="tokenmill-heartbeat", daemon=True).start()
     try:
-        _loop(sender, inbox, engine, clock)
+        _loop(sender, inbox, engine, clock, governor)
     finally:
         stop.set()
 
 
-def _loop(sender: transport.Sender, inbox: queue.Queue[ToWorker | None], engine: Engine, clock: StepClock) -> None:
+def _loop(
+    sender: transport.Sender,
+    inbox: queue.Queue[ToWorker | None],
+    engine: Engine,
+    clock: StepClock,
+    governor: ThreadGovernor | None,
+) -> None:
     trimmer = HeapTrimmer()
     trimmer.trim()  # what loading and packing the weights freed (25 MiB for SmolLM2)
     while True:
@@ -113,6 +122,8 @@ def _loop(sender: transport.Sender, inbox: queue.Queue[ToWorker | None], engine:
             elif isinstance(message, AbortRequest):
                 engine.abort(message.request_ids)
         if engine.has_work():
+            if governor is not None:
+                governor.adjust()
             clock.started = time.monotonic()
             out = engine.step()
             clock.started = 0.0
@@ -147,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         transport.send(sock, WorkerError(f"{type(exc).__name__}: {exc}"))
         return 1
     try:
-        serve(sock, engine, args.heartbeat_seconds)
+        serve(sock, engine, args.heartbeat_seconds, ThreadGovernor() if entry.threads is None else None)
     except (BrokenPipeError, ConnectionResetError):
         log.info("the API process went away; exiting")
     return 0
