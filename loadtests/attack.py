@@ -217,6 +217,10 @@ def ready(url: str) -> bool:
 def attack(url: str) -> tuple[list[Outcome], list[str]]:
     normal = NormalClient(url)
     normal.start()
+    deadline = time.monotonic() + 300
+    while not normal.samples and time.monotonic() < deadline:  # the first request warms the model up
+        time.sleep(0.1)
+    quiet_start = time.perf_counter()
     time.sleep(8)  # the baseline: the normal client alone
     quiet_end = time.perf_counter()
     outcomes = []
@@ -230,7 +234,7 @@ def attack(url: str) -> tuple[list[Outcome], list[str]]:
         print(f"{name}: {answer} ({outcomes[-1].seconds:.2f} s)", flush=True)
     normal.stopped.set()
     normal.join()
-    before = normal.between(0.0, quiet_end)
+    before = normal.between(quiet_start, quiet_end)
     during = normal.between(quiet_end, time.perf_counter())
     summary = []
     for label, samples in (("before", before), ("during", during)):
