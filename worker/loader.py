@@ -114,6 +114,7 @@ def _cpu_has_fast_bf16() -> bool:
 
 def load_model(entry: ModelEntry, cache_dir: Path | None = None) -> LoadedModel:
     start = time.perf_counter()
+    native.use_cache_dir(cache_dir or default_cache_dir())  # before anything builds the kernels
     device = resolve_device(entry.device)
     dtype = torch.float32 if entry.quantization == "gguf" else resolve_dtype(entry.dtype, device)
     source, local = _locate(entry)

@@ -194,6 +194,8 @@ class ModelInfo(msgspec.Struct, tag=True):
     kv_blocks_total: int
     block_size: int
     tokenizer_dir: str  # where the API process reads tokenizer.json and the chat template
+    native_kernels: bool | None = None  # the C kernels serve this CPU model (None: not on a CPU)
+    native_kernels_reason: str = ""  # why they do not: the torch paths run, about half as fast
 
 
 class WorkerError(msgspec.Struct, tag=True):
