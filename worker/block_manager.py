@@ -22,7 +22,7 @@ _ROOT = b"tokenmill prefix cache v1\0"
 
 def root_key(cache_salt: str | None = None) -> bytes:
     """The parent key of a sequence's first block: one for unsalted requests, another for each salt."""
-    salted = b"" if cache_salt is None else b"salt\0" + cache_salt.encode()
+    salted = b"" if cache_salt is None else b"salt\0" + cache_salt.encode("utf-8", "surrogatepass")
     return hashlib.sha256(_ROOT + salted).digest()
 
 

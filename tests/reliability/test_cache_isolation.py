@@ -3,6 +3,7 @@ neither is served another's KV nor learns from `cached_tokens` that another sent
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,13 +68,15 @@ def test_completions_of_different_salts_share_no_cache(client: httpx.Client) -> 
     assert completion_cached(client, text, cache_salt="tenant-d") > 0
 
 
-@pytest.mark.parametrize("salt", ["", 7, ["a"], "s" * (MAX_CACHE_SALT_CHARS + 1)])
+# a lone surrogate is no text: it could not be hashed (nor sent to the worker) as UTF-8
+@pytest.mark.parametrize("salt", ["", 7, ["a"], "s" * (MAX_CACHE_SALT_CHARS + 1), "\ud800"])
 def test_a_bad_salt_is_refused(client: httpx.Client, salt: object) -> None:
     for path, body in (
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
         ("/v1/completions", {"prompt": "hi"}),
     ):
-        response = client.post(path, json={"model": "tiny", "max_tokens": 2, "cache_salt": salt, **body})
+        content = json.dumps({"model": "tiny", "max_tokens": 2, "cache_salt": salt, **body})  # \ud800 escaped
+        response = client.post(path, content=content, headers={"content-type": "application/json"})
         assert response.status_code == 400, response.text
         error = response.json()["error"]
         assert error["param"] == "cache_salt" and error["type"] == "invalid_request_error"
