@@ -16,7 +16,7 @@ from pydantic_core import PydanticCustomError
 from app.errors import invalid
 from app.protocol_structured import StructuredFields
 from worker.grammar import check as check_grammar
-from worker.messages import InvalidRequest, SamplingParams
+from worker.messages import MAX_CACHE_SALT_CHARS, InvalidRequest, SamplingParams
 
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]+")
 MAX_STOP_STRINGS = 64  # documented limits: a request may not make every detokenizer step scan thousands of strings
@@ -237,6 +237,7 @@ class _SamplingRequest(StructuredFields, _Strict):
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
     stop_token_ids: list[int] | None = None
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS, strict=True)
 
     @model_validator(mode="after")
     def _check_stream_options(self) -> Self:
@@ -275,6 +276,7 @@ class _SamplingRequest(StructuredFields, _Strict):
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
             structured=structured,
+            cache_salt=self.cache_salt,
         )
 
 

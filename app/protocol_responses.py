@@ -228,6 +228,8 @@ class ModelCard(_Response):
     state: Literal["loaded", "loading", "unloaded", "failed"] | None = None  # ours, like the three below
     quantization: str | None = None
     lora: str | None = None
+    native_kernels: bool | None = None  # a CPU model: whether the C kernels serve it; if not, why
+    native_kernels_reason: str | None = None
 
 
 class ModelList(_Response):

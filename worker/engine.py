@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import PreTrainedModel
 
+from worker import native
 from worker.block_manager import BlockManager
 from worker.flash_attention import PAGE_MULTIPLE as PAGE
 from worker.gguf_weights import QuantizedRows
@@ -140,6 +141,7 @@ class Engine:
         return engine
 
     def model_info(self) -> ModelInfo:
+        native_kernels, why_not = native.status(self.device)
         return ModelInfo(
             name=self.name,
             max_model_len=self.max_model_len,
@@ -150,6 +152,8 @@ class Engine:
             kv_blocks_total=self.block_manager.num_blocks,
             block_size=self.block_manager.block_size,
             tokenizer_dir=self.tokenizer_dir,
+            native_kernels=native_kernels,
+            native_kernels_reason=why_not,
         )
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:

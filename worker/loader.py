@@ -33,6 +33,7 @@ from transformers import (
 
 from worker import gguf_weights, lora, native, quantization
 from worker.registry import ModelEntry
+from worker.safetensors_only import check_safetensors
 
 logger = logging.getLogger("tokenmill.loader")
 
@@ -40,7 +41,6 @@ PACKAGE_PREFIX = "package:"
 # Bump when the cached layout changes, so old caches are rebuilt rather than misread.
 _CACHE_FORMAT = 1
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Tokenizers without a known limit report a huge sentinel (about 1e30) as model_max_length.
 _SANE_MAX_LEN = 10_000_000
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -114,6 +114,7 @@ def _cpu_has_fast_bf16() -> bool:
 
 def load_model(entry: ModelEntry, cache_dir: Path | None = None) -> LoadedModel:
     start = time.perf_counter()
+    native.use_cache_dir(cache_dir or default_cache_dir())  # before anything builds the kernels
     device = resolve_device(entry.device)
     dtype = torch.float32 if entry.quantization == "gguf" else resolve_dtype(entry.dtype, device)
     source, local = _locate(entry)
@@ -142,12 +143,12 @@ def load_model(entry: ModelEntry, cache_dir: Path | None = None) -> LoadedModel:
         how = f"dummy weights, config of {how}"
     else:
         if local is not None and not entry.trust_pickle:
-            _check_safetensors(entry, local)
+            check_safetensors(entry, local, "add them, or set load_format: dummy")
         model = AutoModelForCausalLM.from_pretrained(
             where,
             revision=revision,
             dtype=dtype,
-            use_safetensors=not entry.trust_pickle,
+            use_safetensors=None if entry.trust_pickle else True,  # None: safetensors where there are any
             trust_remote_code=remote,
             **quantization.from_pretrained_kwargs(entry, dtype, device),
         )
@@ -208,22 +209,6 @@ def _locate(entry: ModelEntry) -> tuple[str, Path | None]:
     if entry.source.startswith(PACKAGE_PREFIX) or looks_local:
         raise FileNotFoundError(f"model '{entry.name}': {path} does not exist (source: {entry.source})")
     return source, None
-
-
-def _check_safetensors(entry: ModelEntry, directory: Path) -> None:
-    names = [p.name for p in directory.iterdir()]
-    if any(name.endswith(".safetensors") for name in names):
-        return
-    pickled = sorted(name for name in names if name.endswith(_PICKLE_SUFFIXES))
-    if pickled:
-        raise ValueError(
-            f"model '{entry.name}': {directory} has only pickle weights ({', '.join(pickled)}); tokenmill loads "
-            "safetensors only, since unpickling can run code. Convert them to safetensors, or set trust_pickle: true "
-            "on the entry if you trust their origin."
-        )
-    raise FileNotFoundError(
-        f"model '{entry.name}': {directory} has no *.safetensors weights; add them, or set load_format: dummy"
-    )
 
 
 def _gguf_cache(gguf: Path, cache_root: Path, dtype: torch.dtype = torch.float32) -> tuple[Path, bool]:

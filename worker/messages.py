@@ -10,6 +10,7 @@ import math
 import msgspec
 
 FinishReason = str  # "stop" | "length" | "abort" | "error"
+MAX_CACHE_SALT_CHARS = 256  # a salt names a tenant; longer ones only cost hashing
 
 
 class StructuredOutput(msgspec.Struct, frozen=True):
@@ -39,6 +40,8 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     stop_token_ids: list[int] = msgspec.field(default_factory=list)
     ignore_eos: bool = False
     structured: StructuredOutput | None = None
+    # vLLM's: mixed into the prefix cache's key of the first block, so requests of different salts share no KV
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}")
@@ -75,6 +78,12 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
             _check(0 <= self.logprobs <= 20, "logprobs", f"must be in [0, 20], got {self.logprobs}")
         for token_id in self.stop_token_ids:
             _check(token_id >= 0, "stop_token_ids", f"token id {token_id} is negative")
+        if self.cache_salt is not None:
+            _check(
+                0 < len(self.cache_salt) <= MAX_CACHE_SALT_CHARS,
+                "cache_salt",
+                f"must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} characters",
+            )
         if self.structured is not None:
             _check(
                 not self.ignore_eos,
@@ -185,6 +194,8 @@ class ModelInfo(msgspec.Struct, tag=True):
     kv_blocks_total: int
     block_size: int
     tokenizer_dir: str  # where the API process reads tokenizer.json and the chat template
+    native_kernels: bool | None = None  # the C kernels serve this CPU model (None: not on a CPU)
+    native_kernels_reason: str = ""  # why they do not: the torch paths run, about half as fast
 
 
 class WorkerError(msgspec.Struct, tag=True):

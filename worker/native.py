@@ -14,36 +14,31 @@ float32 weights transformers would load (see gguf_weights.py): a third of bfloat
 
 `argmax` finds the greedy token of each row in a tenth of the time torch's CPU argmax takes.
 
-The shared library is compiled for this CPU (`-march=native`) into the cache directory, keyed by the source, the
-compiler and the CPU, so one build serves every later start (under a second). Where there is no compiler, no
-AVX-512, or `TOKENMILL_NATIVE=0`, nothing is built and the torch paths run; the log says why.
+`worker.native_build` compiles and loads the library; where it cannot, these wrappers are not called (the `*_takes`
+functions say no) and the torch paths run.
+
+The kernels trust the pointers they are given, so each wrapper checks shapes, dtypes and layouts first, and the
+kernels check every index they follow (slots, block ids, row ids) before writing anything: a wrong table from the
+block manager raises IndexError instead of reading or writing outside the cache.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger("tokenmill.native")
+from worker.native_build import bind as bind
+from worker.native_build import cache_dir as cache_dir
+from worker.native_build import library as library
+from worker.native_build import status as status
+from worker.native_build import use_cache_dir as use_cache_dir
 
-SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
-HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared"]
-# OpenMP splits the kernel over torch's threads: the library resolves libgomp to the copy torch has loaded, so
-# both share one thread pool. A compiler without OpenMP builds it single-threaded.
-OPENMP = ["-fopenmp"]
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+GGUF_CODES = {2: 20, 8: 34}  # the GGUF types the block kernels take (Q4_1, Q8_0): bytes of a block of 32 weights
 MAX_HEAD_DIM = 512  # MAX_D in csrc/attention.c
+OUT_OF_RANGE = 3  # a kernel's status for an index outside what it indexes (nothing written)
 # Rows of x from which gguf_linear takes the AMX path. On one weight kept in cache AMX wins from 8 rows (72 against
 # 91 ns a group of 16 outputs and block of 32 columns; 170 against 247 at 32 rows), but in the model, where each step
 # streams the weights from memory, it lost at 8 rows (19.8 against 16.2 ms a step of SmolLM2, steps alternating),
@@ -51,122 +46,28 @@ MAX_HEAD_DIM = 512  # MAX_D in csrc/attention.c
 GGUF_AMX_ROWS = 32
 
 
-def cache_dir() -> Path:
-    """Beside the converted weights: the server's cache directory (`TOKENMILL_CACHE_DIR`) or ~/.cache/tokenmill."""
-    return Path(os.environ.get("TOKENMILL_CACHE_DIR") or Path.home() / ".cache" / "tokenmill") / "native"
+def _shape_error(kernel: str, **tensors: torch.Tensor | None) -> ValueError:
+    described = ", ".join(
+        f"{name} {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}{'' if t.is_contiguous() else ' strided'}"
+        for name, t in tensors.items()
+        if t is not None
+    )
+    return ValueError(f"{kernel}: inputs it does not take: {described}")
 
 
-@functools.cache
-def _cpu_key() -> str:
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "model name")):
-                flags += line
-    except OSError:
-        flags = platform.processor()
-    return flags
-
-
-def _has_avx512() -> bool:
-    return "avx512f" in _cpu_key().split()
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _build(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    texts = [path.read_text() for path in SOURCES + HEADERS]
-    digest = hashlib.sha256("\0".join([*texts, " ".join(FLAGS + OPENMP), version, _cpu_key()]).encode())
-    target = cache_dir() / f"kernels-{digest.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built = Path(scratch) / target.name
-        command = [compiler, *FLAGS, "-o", str(built), *map(str, SOURCES)]
-        try:
-            subprocess.run([*command, *OPENMP], check=True, capture_output=True, timeout=120)
-        except subprocess.CalledProcessError:
-            subprocess.run(command, check=True, capture_output=True, timeout=120)
-        os.replace(built, target)  # atomic: workers starting together never load a half-written file
-    return target
-
-
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The built kernels, or None (and a log line saying why) where they cannot run."""
-    if os.environ.get("TOKENMILL_NATIVE", "1") == "0":
-        log.info("native kernels off (TOKENMILL_NATIVE=0): torch paths only")
-        return None
-    if platform.machine() not in ("x86_64", "AMD64") or not _has_avx512():
-        log.info("native kernels need an x86 CPU with AVX-512: torch paths only")
-        return None
-    compiler = _compiler()
-    if compiler is None:
-        log.info("no C compiler (cc, gcc, clang or $CC): native kernels off, torch paths only")
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else exc
-        log.warning("native kernels failed to build or load, torch paths only: %s", detail)
-        return None
-    lib.decode_attention.restype = ctypes.c_int
-    lib.decode_attention.argtypes = [
-        ctypes.c_int,  # dtype
-        ctypes.c_void_p,  # q
-        ctypes.c_int64,  # q row stride
-        ctypes.c_int64,  # q head stride
-        ctypes.c_void_p,  # k cache
-        ctypes.c_void_p,  # v cache
-        ctypes.c_void_p,  # block tables
-        ctypes.c_int64,  # max blocks
-        ctypes.c_void_p,  # lengths
-        ctypes.c_void_p,  # out
-        ctypes.c_int,  # B
-        ctypes.c_int,  # H
-        ctypes.c_int,  # Hkv
-        ctypes.c_int,  # D
-        ctypes.c_int64,  # num blocks
-        ctypes.c_int,  # block size
-        ctypes.c_float,  # scale
-    ]
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.add_rms_norm.restype = None
-    lib.add_rms_norm.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float]
-    lib.rope_store.restype = None
-    lib.rope_store.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    lib.rope_store.argtypes += [ptr, ptr, i64, ptr]
-    lib.silu_mul.restype = None
-    lib.silu_mul.argtypes = [ctypes.c_int, ptr, ptr, i64, i64]
-    lib.gguf_packed_size.restype = i64
-    lib.gguf_packed_size.argtypes = [ctypes.c_int, i64, i64]
-    lib.gguf_pack.restype = None
-    lib.gguf_pack.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
-    lib.gguf_linear.restype = ctypes.c_int
-    lib.gguf_linear.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
-    lib.gguf_amx_ready.restype = ctypes.c_int
-    lib.gguf_amx_ready.argtypes = []
-    lib.gguf_rows.restype = None
-    lib.gguf_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
-    lib.argmax_rows.restype = None
-    lib.argmax_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    return lib
+def _out_of_range(kernel: str, what: str, values: torch.Tensor, limit: int) -> IndexError:
+    bad = values[(values < 0) | (values >= limit)]
+    first = int(bad[0]) if bad.numel() else "?"
+    return IndexError(f"{kernel}: {what} {first} outside [0, {limit}); nothing was written")
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """`x.argmax(dim=-1)` of a float32 matrix, the same indices (first of ties, NaN as the largest). torch's CPU
     argmax took 4.3 ms over 32 rows of a 49,152-token vocabulary, ten times its own amax; this takes about amax's."""
-    lib = library()
-    if lib is None or x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu" or x.stride(1) != 1:
+    if not x.is_cpu or x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1:
         return x.argmax(dim=-1)
-    if x.shape[1] == 0 or x.shape[1] >= 2**31:
+    lib = library()
+    if lib is None or x.shape[1] == 0 or x.shape[1] >= 2**31:
         return x.argmax(dim=-1)
     out = torch.empty(x.shape[0], dtype=torch.long)
     lib.argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr())
@@ -178,11 +79,28 @@ def gguf_takes(rows: int, cols: int) -> bool:
     return rows % 16 == 0 and cols % 32 == 0 and library() is not None
 
 
+def _packed_ok(lib: ctypes.CDLL, code: int, packed: torch.Tensor, rows: int, cols: int) -> bool:
+    return (
+        code in GGUF_CODES
+        and rows % 16 == 0
+        and cols % 32 == 0
+        and packed.dtype == torch.uint8
+        and packed.is_contiguous()
+        and packed.is_cpu
+        and packed.numel() == lib.gguf_packed_size(code, rows, cols)
+    )
+
+
 def gguf_pack(code: int, blocks: torch.Tensor, cols: int) -> torch.Tensor:
     """GGUF blocks uint8 [rows, cols / 32 * block bytes], row by row, reordered for `gguf_linear`."""
     lib = library()
     assert lib is not None
     blocks = blocks.contiguous()
+    row_bytes = cols // 32 * GGUF_CODES.get(code, 0)
+    if not (code in GGUF_CODES and cols % 32 == 0 and blocks.dtype == torch.uint8 and blocks.dim() == 2):
+        raise _shape_error("gguf_pack", blocks=blocks)
+    if blocks.shape[0] % 16 != 0 or blocks.shape[1] != row_bytes or not blocks.is_cpu:
+        raise _shape_error("gguf_pack", blocks=blocks)
     out = torch.empty(lib.gguf_packed_size(code, blocks.shape[0], cols), dtype=torch.uint8)
     lib.gguf_pack(code, blocks.data_ptr(), blocks.shape[0], cols, out.data_ptr())
     return out
@@ -202,7 +120,11 @@ def gguf_linear(
     """x [T, cols] float32 (unit column stride) @ W.T -> [T, rows], W the packed blocks' float32 weights, in float32:
     with AVX-512 multiply-adds, or on AMX (`amx` True; None: where there is AMX and T >= GGUF_AMX_ROWS)."""
     lib = library()
-    assert lib is not None and x.dtype == torch.float32 and x.dim() == 2
+    assert lib is not None
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != cols or not x.is_cpu:
+        raise _shape_error("gguf_linear", x=x, packed=packed)
+    if not _packed_ok(lib, code, packed, rows, cols):
+        raise _shape_error("gguf_linear", x=x, packed=packed)
     if x.stride(1) != 1:
         x = x.contiguous()
     out = torch.empty(x.shape[0], rows)
@@ -220,9 +142,14 @@ def gguf_rows(code: int, packed: torch.Tensor, rows: int, cols: int, ids: torch.
     """Rows `ids` (int64, each < rows) of the packed weight, decoded to float32 [len(ids), cols]."""
     lib = library()
     assert lib is not None
+    if ids.dim() != 1 or ids.is_floating_point() or not ids.is_cpu:
+        raise _shape_error("gguf_rows", ids=ids, packed=packed)
+    if not _packed_ok(lib, code, packed, rows, cols):
+        raise _shape_error("gguf_rows", ids=ids, packed=packed)
     ids = ids.to(torch.long).contiguous()
     out = torch.empty(ids.shape[0], cols)
-    lib.gguf_rows(code, packed.data_ptr(), rows, cols, ids.data_ptr(), ids.shape[0], out.data_ptr())
+    if lib.gguf_rows(code, packed.data_ptr(), rows, cols, ids.data_ptr(), ids.shape[0], out.data_ptr()) != 0:
+        raise _out_of_range("gguf_rows", "row id", ids, rows)
     return out
 
 
@@ -232,15 +159,24 @@ def layer_ops_take(dtype: torch.dtype, device: torch.device, hidden: int, interm
     return sizes and device.type == "cpu" and dtype in DTYPE_CODES and library() is not None
 
 
+def _dense(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
+    """A contiguous CPU tensor of this dtype and shape: what the layer kernels read and write as flat rows."""
+    return t.is_cpu and t.dtype == dtype and t.shape == shape and t.is_contiguous()
+
+
 def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """hidden += delta in place (when given); returns RMSNorm(hidden) * weight. All [T, C] contiguous."""
     lib = library()
     assert lib is not None
+    shape, dtype = hidden.shape, hidden.dtype
+    ok = dtype in DTYPE_CODES and hidden.dim() == 2 and shape[1] % 16 == 0 and _dense(hidden, dtype, shape)
+    if not (ok and _dense(weight, dtype, shape[1:]) and (delta is None or _dense(delta, dtype, shape))):
+        raise _shape_error("add_rms_norm", hidden=hidden, delta=delta, weight=weight)
     normed = torch.empty_like(hidden)
-    rows, cols = hidden.shape
+    rows, cols = shape
     extra = delta.data_ptr() if delta is not None else None
     lib.add_rms_norm(
-        DTYPE_CODES[hidden.dtype], hidden.data_ptr(), extra, weight.data_ptr(), normed.data_ptr(), rows, cols, eps
+        DTYPE_CODES[dtype], hidden.data_ptr(), extra, weight.data_ptr(), normed.data_ptr(), rows, cols, eps
     )
     return normed
 
@@ -256,15 +192,29 @@ def rope_store(
     slots: torch.Tensor,
 ) -> None:
     """qkv [T, H + 2 Hkv, D] (rows contiguous): rotary on q and k in place; k and v to the caches at `slots`.
-    cos, sin [T, D] contiguous; caches [Hkv, blocks, block_size, D] contiguous."""
+    cos, sin [T, D] contiguous; caches [Hkv, blocks, block_size, D] contiguous; slots [T] int64, each in
+    [0, blocks * block_size) (IndexError, nothing written, otherwise)."""
     lib = library()
     assert lib is not None
-    rows, _, head_dim = qkv.shape
-    cache_slots = k_cache.shape[1] * k_cache.shape[2]
-    lib.rope_store(
-        DTYPE_CODES[qkv.dtype],
+    rows, width, head_dim = qkv.shape
+    dtype, cache_shape = qkv.dtype, k_cache.shape
+    row_stride, head_stride, dim_stride = qkv.stride()
+    ok = dtype in DTYPE_CODES and width == heads + 2 * kv_heads and head_dim % 32 == 0 and qkv.is_cpu
+    ok = ok and dim_stride == 1 and head_stride == head_dim and _dense(cos, dtype, (rows, head_dim))
+    ok = ok and _dense(sin, dtype, (rows, head_dim)) and len(cache_shape) == 4 and cache_shape[0] == kv_heads
+    ok = (
+        ok
+        and cache_shape[3] == head_dim
+        and _dense(k_cache, dtype, cache_shape)
+        and _dense(v_cache, dtype, cache_shape)
+    )
+    if not (ok and _dense(slots, torch.long, (rows,))):
+        raise _shape_error("rope_store", qkv=qkv, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache, slots=slots)
+    cache_slots = cache_shape[1] * cache_shape[2]
+    status = lib.rope_store(
+        DTYPE_CODES[dtype],
         qkv.data_ptr(),
-        qkv.stride(0),
+        row_stride,
         cos.data_ptr(),
         sin.data_ptr(),
         rows,
@@ -276,12 +226,18 @@ def rope_store(
         cache_slots,
         slots.data_ptr(),
     )
+    if status != 0:
+        raise _out_of_range("rope_store", "KV slot", slots, cache_slots)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2 I] (gate, then up) -> silu(gate) * up [T, I]."""
     lib = library()
     assert lib is not None
+    if gate_up.dim() != 2 or gate_up.shape[1] % 32 != 0 or gate_up.dtype not in DTYPE_CODES:
+        raise _shape_error("silu_mul", gate_up=gate_up)
+    if not _dense(gate_up, gate_up.dtype, gate_up.shape):
+        raise _shape_error("silu_mul", gate_up=gate_up)
     rows, width = gate_up.shape
     out = gate_up.new_empty(rows, width // 2)
     lib.silu_mul(DTYPE_CODES[gate_up.dtype], gate_up.data_ptr(), out.data_ptr(), rows, width // 2)
@@ -303,23 +259,31 @@ def decode_attention(
     scale: float,
 ) -> torch.Tensor | None:
     """q [B, H, D] (head rows contiguous), caches [Hkv, blocks, block_size, D], tables [B, max_blocks] and lengths
-    [B] int64 -> [B, H, D]; None when the kernel does not take these shapes."""
+    [B] int64 -> [B, H, D]; None when the kernel does not take these shapes. Each length must lie in
+    [1, max_blocks * block_size] and the table entries it covers in [0, blocks): IndexError otherwise."""
     lib = library()
     code = DTYPE_CODES.get(q.dtype)
-    if lib is None or code is None or q.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+    if lib is None or code is None or q.dim() != 3 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         return None
+    row_stride, head_stride, dim_stride = q.stride()
     if k_cache.dtype != q.dtype or block_tables.dtype != torch.long or lengths.dtype != torch.long:
         return None
+    if dim_stride != 1 or not q.is_cpu or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        return None
     batch, heads, head_dim = q.shape
-    kv_heads, num_blocks, block_size, _ = k_cache.shape
+    kv_heads, num_blocks, block_size, cache_dim = k_cache.shape
+    if v_cache.dtype != q.dtype or cache_dim != head_dim or not (k_cache.is_cpu and v_cache.is_cpu):
+        return None
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch or lengths.shape != (batch,):
+        raise _shape_error("decode_attention", q=q, block_tables=block_tables, lengths=lengths)
     tables = block_tables.contiguous()
     lengths = lengths.contiguous()
     out = torch.empty(batch, heads, head_dim, dtype=q.dtype)
     status = lib.decode_attention(
         code,
         q.data_ptr(),
-        q.stride(0),
-        q.stride(1),
+        row_stride,
+        head_stride,
         k_cache.data_ptr(),
         v_cache.data_ptr(),
         tables.data_ptr(),
@@ -334,4 +298,18 @@ def decode_attention(
         block_size,
         scale,
     )
+    if status == OUT_OF_RANGE:
+        raise _table_error(tables, lengths, num_blocks, block_size)
+    if status == 2:
+        raise MemoryError("decode_attention: no memory for the scores")
     return out if status == 0 else None
+
+
+def _table_error(tables: torch.Tensor, lengths: torch.Tensor, num_blocks: int, block_size: int) -> IndexError:
+    """What `decode_attention` found out of range, for the message (the slow path of a bug)."""
+    longest = tables.shape[1] * block_size
+    if bool(((lengths < 1) | (lengths > longest)).any()):
+        bad = lengths[(lengths < 1) | (lengths > longest)]
+        return IndexError(f"decode_attention: length {int(bad[0])} outside [1, {longest}] (the table's width)")
+    used = torch.arange(tables.shape[1]) < ((lengths + block_size - 1) // block_size)[:, None]
+    return _out_of_range("decode_attention", "block id", tables[used], num_blocks)

@@ -124,7 +124,8 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            hits = bm.match_prefix(seq.token_ids[: seq.num_tokens - 1])  # at least one token is left to compute
+            # at least one token is left to compute
+            hits = bm.match_prefix(seq.token_ids[: seq.num_tokens - 1], seq.params.cache_salt)
             num_cached = len(hits) * bm.block_size
             num_new = min(seq.num_tokens - num_cached, budget)
             reclaimed = sum(1 for block_id in hits if bm.blocks[block_id].ref_count == 0)
@@ -166,7 +167,9 @@ class Scheduler:
             seq = item.seq
             will_sample = item.sample
             seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens)
+            self.block_manager.cache_full_blocks(
+                seq.block_table, seq.token_ids, seq.num_computed_tokens, seq.params.cache_salt
+            )
             if not will_sample:
                 continue
             token = sampled[seq.request_id]

@@ -27,17 +27,19 @@ async def list_models(pool: PoolDep) -> dict[str, object]:
     """Every model and alias, with its state, quantization, LoRA adapter and context length."""
     cards = []
     for name, model in pool.models.items():
-        entry = model.entry
+        entry, info = model.entry, model.client.info
         for card_id in (name, *entry.aliases):
             cards.append(
                 ModelCard(
                     id=card_id,
                     created=model.created,
                     root=name,
-                    max_model_len=model.client.info.max_model_len if model.client.info else None,
+                    max_model_len=info.max_model_len if info else None,
                     state=pool.state(model),  # type: ignore[arg-type]
                     quantization=entry.quantization,
                     lora=entry.lora.adapter if entry.lora else None,
+                    native_kernels=info.native_kernels if info else None,
+                    native_kernels_reason=(info.native_kernels_reason or None) if info else None,
                 )
             )
     return ModelList(data=cards).to_dict()

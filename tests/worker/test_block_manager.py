@@ -5,6 +5,8 @@ The model runner trusts these ids blindly, so a leak, a double free or a wrong h
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from dataclasses import dataclass
 
 import pytest
@@ -12,7 +14,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from worker.block_manager import BlockManager
+from worker.block_manager import BlockManager, root_key
 
 BLOCK_SIZE = 4
 
@@ -190,6 +192,56 @@ def test_a_hit_is_confirmed_by_comparing_tokens() -> None:
     assert bm.match_prefix([1, 2, 3, 4]) == [0]
 
 
+def test_keys_are_sha256_digests_of_the_parent_key_and_the_tokens() -> None:
+    """A key is a collision-resistant digest of everything before the block's end, not Python's hash() of one tuple:
+    a client cannot craft a prompt whose block takes another prompt's place in the cache."""
+    bm = BlockManager(8, BLOCK_SIZE)
+    filled(bm, [1, 2, 3, 4, 5, 6, 7, 8])
+    first, second = bm.blocks[0].block_hash, bm.blocks[1].block_hash
+    assert isinstance(first, bytes) and len(first) == 32
+    packed = struct.Struct("<4q").pack
+    assert first == hashlib.sha256(root_key() + packed(1, 2, 3, 4)).digest()
+    assert second == hashlib.sha256(first + packed(5, 6, 7, 8)).digest()
+    assert bm.cached == {first: 0, second: 1}
+
+
+def test_the_same_tokens_after_different_parents_have_different_keys() -> None:
+    bm = BlockManager(8, BLOCK_SIZE)
+    parents = [
+        root_key(),
+        root_key("a"),
+        bm.block_key(root_key(), [1, 2, 3, 4]),
+        bm.block_key(root_key(), [1, 2, 3, 5]),
+    ]
+    keys = {bm.block_key(parent, [5, 6, 7, 8]) for parent in parents}
+    assert len(keys) == len(parents)
+    # token ids are packed at a fixed width: no two different blocks give the same bytes
+    assert bm.block_key(root_key(), [1, 23, 4, 5]) != bm.block_key(root_key(), [12, 3, 4, 5])
+    assert bm.block_key(root_key(), [256, 0, 0, 0]) != bm.block_key(root_key(), [0, 1, 0, 0])
+
+
+def test_requests_of_different_salts_never_share_a_block() -> None:
+    bm = BlockManager(16, BLOCK_SIZE)
+    prompt = tokens(10)
+    table: list[int] = []
+    assert bm.allocate(table, len(prompt))
+    bm.cache_full_blocks(table, prompt, len(prompt), cache_salt="tenant-a")
+    assert table == [0, 1, 2]
+    assert bm.match_prefix(prompt, "tenant-a") == [0, 1]
+    assert bm.match_prefix(prompt, "tenant-b") == []
+    assert bm.match_prefix(prompt) == []  # nor unsalted requests
+    # the salt keys the first block; the chain carries it to every later one
+    assert bm.match_prefix(prompt[4:], "tenant-a") == []
+    unsalted = filled(bm, prompt)
+    assert unsalted == [3, 4, 5]
+    assert bm.match_prefix(prompt) == [3, 4]
+    assert bm.match_prefix(prompt, "tenant-a") == [0, 1]
+    assert {bm.blocks[0].block_hash, bm.blocks[1].block_hash}.isdisjoint(
+        {bm.blocks[3].block_hash, bm.blocks[4].block_hash}
+    )
+    assert root_key("tenant-a") != root_key("tenant-b") != root_key()
+
+
 def test_identical_full_blocks_computed_twice_keep_the_first_registration() -> None:
     bm = BlockManager(8, BLOCK_SIZE)
     a = filled(bm, tokens(4))
@@ -304,12 +356,15 @@ PROP_BLOCK_SIZE = 2
 PROP_NUM_BLOCKS = 10
 # A three-token alphabet and two-token blocks: nine possible blocks, so prefixes are shared all the time.
 token_lists = st.lists(st.integers(0, 2), min_size=1, max_size=9)
+salts = st.sampled_from([None, None, "a"])  # mostly unsalted, so hits stay frequent
+Prefix = tuple[str | None, tuple[int, ...]]  # a request's salt and every token up to a block's end
 
 
 @dataclass
 class Live:
     token_ids: list[int]
     table: list[int]
+    salt: str | None = None
 
 
 @settings(max_examples=200, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -320,15 +375,18 @@ class BlockPoolMachine(RuleBasedStateMachine):
         super().__init__()
         self.bm = BlockManager(PROP_NUM_BLOCKS, PROP_BLOCK_SIZE)
         self.live: list[Live] = []
-        self.preempted: list[list[int]] = []
-        # What each full block physically holds, as the whole token prefix up to its end (the KV depends on it all).
-        self.content: dict[int, tuple[int, ...]] = {}
+        self.preempted: list[tuple[list[int], str | None]] = []
+        # What each full block holds: the whole token prefix up to its end (the KV depends on it all), and the salt of
+        # the request that computed it (which alone may hit it).
+        self.content: dict[int, Prefix] = {}
 
     # -- helpers --
 
-    def _full_prefixes(self, seq: Live) -> list[tuple[int, tuple[int, ...]]]:
+    def _full_prefixes(self, seq: Live) -> list[tuple[int, Prefix]]:
         bs = PROP_BLOCK_SIZE
-        return [(seq.table[i], tuple(seq.token_ids[: (i + 1) * bs])) for i in range(len(seq.token_ids) // bs)]
+        return [
+            (seq.table[i], (seq.salt, tuple(seq.token_ids[: (i + 1) * bs]))) for i in range(len(seq.token_ids) // bs)
+        ]
 
     def _allocate(self, seq: Live) -> bool:
         bm = self.bm
@@ -347,27 +405,27 @@ class BlockPoolMachine(RuleBasedStateMachine):
         for block_id in new:
             assert bm.blocks[block_id].block_hash is None
             self.content.pop(block_id, None)  # overwritten from here on
-        bm.cache_full_blocks(seq.table, seq.token_ids, len(seq.token_ids))
+        bm.cache_full_blocks(seq.table, seq.token_ids, len(seq.token_ids), seq.salt)
         for block_id, prefix in self._full_prefixes(seq):
             assert self.content.setdefault(block_id, prefix) == prefix
         return True
 
-    def _admit(self, token_ids: list[int], leave_one: bool) -> None:
+    def _admit(self, token_ids: list[int], salt: str | None, leave_one: bool) -> None:
         bm = self.bm
         bs = PROP_BLOCK_SIZE
         probe = token_ids[:-1] if leave_one else token_ids
-        hits = bm.match_prefix(probe)
+        hits = bm.match_prefix(probe, salt)
         assert len(hits) == len(set(hits))
         for index, block_id in enumerate(hits):
-            assert self.content.get(block_id) == tuple(token_ids[: (index + 1) * bs])
+            assert self.content.get(block_id) == (salt, tuple(token_ids[: (index + 1) * bs]))
         # The match is the longest: no registered block holds the next full block after the same prefix.
         following = len(hits) + 1
         if following * bs <= len(probe):
-            target = tuple(probe[: following * bs])
+            target = (salt, tuple(probe[: following * bs]))
             for block_id, prefix in self.content.items():
                 block_hash = bm.blocks[block_id].block_hash
                 assert not (prefix == target and block_hash is not None and bm.cached.get(block_hash) == block_id)
-        seq = Live(list(token_ids), [])
+        seq = Live(list(token_ids), [], salt)
         unreferenced = [b for b in hits if bm.blocks[b].ref_count == 0]
         queue_before = list(bm.free_queue)
         bm.take_cached(seq.table, hits)
@@ -377,7 +435,7 @@ class BlockPoolMachine(RuleBasedStateMachine):
             self.live.append(seq)
         else:  # no room: give the hits back and retry later, as the scheduler's waiting queue would
             bm.free(seq.table)
-            self.preempted.append(list(token_ids))
+            self.preempted.append((list(token_ids), salt))
 
     def _drop(self, index: int) -> Live:
         bm = self.bm
@@ -397,9 +455,9 @@ class BlockPoolMachine(RuleBasedStateMachine):
 
     # -- rules --
 
-    @rule(token_ids=token_lists, leave_one=st.booleans())
-    def add(self, token_ids: list[int], leave_one: bool) -> None:
-        self._admit(token_ids, leave_one)
+    @rule(token_ids=token_lists, salt=salts, leave_one=st.booleans())
+    def add(self, token_ids: list[int], salt: str | None, leave_one: bool) -> None:
+        self._admit(token_ids, salt, leave_one)
 
     @precondition(lambda self: bool(self.live))
     @rule(index=st.integers(0, 100), more=st.lists(st.integers(0, 2), min_size=1, max_size=4))
@@ -407,7 +465,8 @@ class BlockPoolMachine(RuleBasedStateMachine):
         seq = self.live[index % len(self.live)]
         seq.token_ids.extend(more)
         if not self._allocate(seq):  # out of blocks: preempt it by recompute
-            self.preempted.append(self._drop(index).token_ids)
+            dropped = self._drop(index)
+            self.preempted.append((dropped.token_ids, dropped.salt))
 
     @precondition(lambda self: bool(self.live))
     @rule(index=st.integers(0, 100))
@@ -417,12 +476,14 @@ class BlockPoolMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.live))
     @rule(index=st.integers(0, 100))
     def preempt(self, index: int) -> None:
-        self.preempted.append(self._drop(index).token_ids)
+        dropped = self._drop(index)
+        self.preempted.append((dropped.token_ids, dropped.salt))
 
     @precondition(lambda self: bool(self.preempted))
     @rule(leave_one=st.booleans())
     def resume(self, leave_one: bool) -> None:
-        self._admit(self.preempted.pop(0), leave_one)
+        token_ids, salt = self.preempted.pop(0)
+        self._admit(token_ids, salt, leave_one)
 
     @precondition(lambda self: bool(self.preempted))
     @rule()
@@ -465,10 +526,10 @@ class BlockPoolMachine(RuleBasedStateMachine):
             assert bm.blocks[block_id].block_hash == block_hash
         hashed = [b for b in bm.blocks if b.block_hash is not None]
         for block in hashed:
-            prefix = self.content[block.block_id]
+            _, prefix = self.content[block.block_id]
             assert len(prefix) % PROP_BLOCK_SIZE == 0
             assert block.token_ids == prefix[-PROP_BLOCK_SIZE:]
-        # Chained: two blocks share a hash exactly when everything up to their ends is the same.
+        # Chained: two blocks share a hash exactly when everything up to their ends, and their salt, is the same.
         for first in hashed:
             for second in hashed:
                 same_hash = first.block_hash == second.block_hash

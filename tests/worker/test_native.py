@@ -14,6 +14,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 from worker import native
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no AVX-512 or no C compiler: the torch path runs")
+# a process that imports this checkout's worker package, with nothing else from the environment
+BARE_ENV = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(native.__file__).parent.parent)}
 
 
 def reference(
@@ -80,20 +82,27 @@ def test_refuses_what_it_does_not_take() -> None:
 
 def test_switched_off_by_environment() -> None:
     code = "from worker import native; print(native.library() is None)"
-    env = {"TOKENMILL_NATIVE": "0", "PATH": "/usr/bin:/bin"}
+    env = {"TOKENMILL_NATIVE": "0", **BARE_ENV}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
 
 
 def test_built_once_per_source_compiler_and_cpu(tmp_path: Path) -> None:
     """A second process loads the library the first built instead of compiling it again."""
-    code = "from worker import native; lib = native.library(); print(lib._name if lib else None)"
-    env = {"TOKENMILL_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    code = (
+        "import sys; from pathlib import Path; from worker import native; native.use_cache_dir(Path(sys.argv[1]));"
+        "lib = native.library(); print(lib._name if lib else None)"
+    )
+    env = BARE_ENV
+    first = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, check=True
+    )
     built = Path(first.stdout.strip())
     assert built.parent == tmp_path / "native" and built.exists()
     stamp = built.stat().st_mtime_ns
-    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    second = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, check=True
+    )
     assert second.stdout == first.stdout and built.stat().st_mtime_ns == stamp
     assert list(built.parent.iterdir()) == [built]  # no scratch left behind
 
@@ -289,3 +298,59 @@ def test_gguf_linear_takes_amx_from_a_batch_of_gguf_amx_rows() -> None:
     )
     want = native.gguf_linear(8, packed, 32, cols, large, amx=native.gguf_amx())
     assert torch.equal(native.gguf_linear(8, packed, 32, cols, large), want)
+
+
+def test_a_failed_build_warns_and_says_why(tmp_path: Path) -> None:
+    """A compiler that fails (here `false`) leaves the torch paths, with a warning and a reason for the model card."""
+    code = (
+        "import logging, sys; from pathlib import Path; import torch; from worker import native;"
+        "logging.basicConfig(level=logging.INFO); native.use_cache_dir(Path(sys.argv[1]));"
+        "print(native.status(torch.device('cpu')), native.status(torch.device('meta')))"
+    )
+    env = {**BARE_ENV, "CC": "false"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(False, 'false failed to build them: exit status 1') (None, '')"
+    assert "WARNING:tokenmill.native:native CPU kernels off, torch paths only" in out.stderr
+    assert not list((tmp_path / "native").glob("*.so"))
+
+
+def test_status_of_loaded_kernels() -> None:
+    assert native.status(torch.device("cpu")) == (True, "")
+    assert native.status(torch.device("meta")) == (None, "")  # not a CPU model: the kernels do not apply
+
+
+def test_wrappers_refuse_inputs_the_kernels_would_misread() -> None:
+    """Shapes, dtypes and layouts the C code would read as something else raise before any pointer is passed."""
+    qkv = torch.zeros(3, 4, 32)
+    cos = sin = torch.zeros(3, 32)
+    cache = torch.zeros(1, 2, 4, 32)
+    slots = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="rope_store: inputs it does not take"):
+        native.rope_store(qkv, cos, sin, 2, 1, cache, cache.clone(), slots.int())  # int32 slots
+    with pytest.raises(ValueError, match="rope_store"):
+        native.rope_store(qkv, cos, sin, 2, 1, cache, cache.clone(), slots[:2])  # a slot short
+    with pytest.raises(ValueError, match="rope_store"):
+        native.rope_store(qkv, cos, sin, 3, 1, cache, cache.clone(), slots)  # heads do not add up
+    with pytest.raises(ValueError, match="rope_store"):
+        native.rope_store(qkv, cos[:2], sin, 2, 1, cache, cache.clone(), slots)
+    with pytest.raises(ValueError, match="rope_store"):
+        native.rope_store(qkv, cos, sin, 2, 1, cache, torch.zeros(1, 2, 4, 32).bfloat16(), slots)
+    with pytest.raises(ValueError, match="add_rms_norm"):
+        native.add_rms_norm(torch.zeros(2, 32), None, torch.zeros(16), 1e-5)
+    with pytest.raises(ValueError, match="add_rms_norm"):
+        native.add_rms_norm(torch.zeros(2, 32), torch.zeros(1, 32), torch.zeros(32), 1e-5)
+    with pytest.raises(ValueError, match="silu_mul"):
+        native.silu_mul(torch.zeros(2, 64).t())
+    k = torch.zeros(1, 4, 4, 16)
+    with pytest.raises(ValueError, match="decode_attention"):
+        native.decode_attention(
+            torch.zeros(2, 1, 16), k, k, torch.zeros(1, 1, dtype=torch.long), torch.ones(2).long(), 1.0
+        )
+    packed = native.gguf_pack(8, random_blocks("Q8_0", 16, 32, seed=1), 32)
+    with pytest.raises(ValueError, match="gguf_linear"):
+        native.gguf_linear(8, packed, 16, 32, torch.zeros(2, 64))
+    with pytest.raises(ValueError, match="gguf_rows"):
+        native.gguf_rows(8, packed[:-1], 16, 32, torch.tensor([0]))
+    with pytest.raises(ValueError, match="gguf_pack"):
+        native.gguf_pack(8, random_blocks("Q8_0", 16, 64, seed=1), 32)

@@ -8,7 +8,9 @@
  *
  * q, k, v and out are all float32 or all bfloat16. Query heads h*G .. h*G+G-1 share KV head h (G = H / Hkv).
  * Scores, softmax and the weighted sum of values are float32; out is rounded once, at the end, to nearest even as
- * torch rounds. Returns 0, or 1 for shapes it does not take (the caller then uses its own path), 2 out of memory.
+ * torch rounds. Returns 0, or 1 for shapes it does not take (the caller then uses its own path), 2 out of memory,
+ * 3 for a length outside [1, max_blocks * block_size] or a block id it would read outside [0, num_blocks) (nothing
+ * written: a wrong table is a bug upstream, never a read of another process's memory).
  * Written for AVX-512 (16 float lanes); elsewhere the caller keeps its torch path.
  */
 #include "common.h"
@@ -150,7 +152,13 @@ int decode_attention(int dtype, const void *q, int64_t q_row, int64_t q_head, co
     if ((t != F32 && t != BF16) || G < 1 || G * Hkv != H || D > MAX_D || D % LANES != 0 || block_size < 1)
         return 1;
     int64_t longest = 1;
-    for (int b = 0; b < B; b++) longest = lengths[b] > longest ? lengths[b] : longest;
+    for (int b = 0; b < B; b++) {
+        int64_t n = lengths[b];
+        if (n < 1 || n > max_blocks * block_size) return 3;
+        for (int64_t i = 0; i < (n + block_size - 1) / block_size; i++)
+            if (tables[b * max_blocks + i] < 0 || tables[b * max_blocks + i] >= num_blocks) return 3;
+        longest = n > longest ? n : longest;
+    }
     int64_t head_elems = num_blocks * block_size * D;
     int failed = 0;
     /* (sequence, KV head) pairs split over the threads torch uses (the same OpenMP runtime, when built with it) */

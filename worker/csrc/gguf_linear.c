@@ -176,9 +176,12 @@ int gguf_linear(int type, const uint8_t *packed, int64_t n, int64_t k, const flo
     return 0;
 }
 
-/* out[i, :] = row ids[i] of W in float32 (an embedding lookup, or the whole weight to check it) */
-void gguf_rows(int type, const uint8_t *packed, int64_t n, int64_t k, const int64_t *ids, int64_t count, float *out) {
+/* out[i, :] = row ids[i] of W in float32 (an embedding lookup, or the whole weight to check it). Returns 0, or 3
+ * (nothing written) when an id lies outside [0, n). */
+int gguf_rows(int type, const uint8_t *packed, int64_t n, int64_t k, const int64_t *ids, int64_t count, float *out) {
     int64_t blocks = k / BLOCK, block_bytes = packed_block_bytes(type);
+    for (int64_t i = 0; i < count; i++)
+        if (ids[i] < 0 || ids[i] >= n) return 3;
 #pragma omp parallel for schedule(static) if (count >= 64)
     for (int64_t i = 0; i < count; i++) {
         int64_t g = ids[i] / GROUP, lane = ids[i] % GROUP;
@@ -191,6 +194,6 @@ void gguf_rows(int type, const uint8_t *packed, int64_t n, int64_t k, const int6
                 out[i * k + b * BLOCK + c] = lanes[lane];
             }
         }
-        (void)n;
     }
+    return 0;
 }

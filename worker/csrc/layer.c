@@ -35,10 +35,13 @@ void add_rms_norm(int dtype, void *hidden, const void *delta, const void *weight
 
 /* Rotary embedding of the first heads + kv_heads heads of each qkv row, in place, as HF's apply_rotary_pos_emb:
  * x * cos + rotate_half(x) * sin, each product and the sum rounded. Then the row's (rotated) keys and its values go
- * to the cache at slots[r]: caches [kv_heads, cache_slots, D]. */
-void rope_store(int dtype, void *qkv, int64_t row_stride, const void *cos, const void *sin, int64_t rows, int heads,
-                int kv_heads, int D, void *k_cache, void *v_cache, int64_t cache_slots, const int64_t *slots) {
+ * to the cache at slots[r]: caches [kv_heads, cache_slots, D]. Returns 0, or 3 (nothing written) when a slot lies
+ * outside [0, cache_slots). */
+int rope_store(int dtype, void *qkv, int64_t row_stride, const void *cos, const void *sin, int64_t rows, int heads,
+               int kv_heads, int D, void *k_cache, void *v_cache, int64_t cache_slots, const int64_t *slots) {
     dtype_t t = (dtype_t)dtype;
+    for (int64_t r = 0; r < rows; r++)
+        if (slots[r] < 0 || slots[r] >= cache_slots) return 3;
     int half = D / 2;
     size_t size = t == BF16 ? 2 : 4;
 #pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
@@ -63,6 +66,7 @@ void rope_store(int dtype, void *qkv, int64_t row_stride, const void *cos, const
             memcpy((char *)v_cache + slot * (int64_t)size, row + (int64_t)kv_heads * D * (int64_t)size, (size_t)D * size);
         }
     }
+    return 0;
 }
 
 /* out = dtype(silu(gate)) * up for rows of [gate | up], each `inter` wide, as HF's act_fn(gate_proj) * up_proj. */

@@ -1,0 +1,171 @@
+"""Builds and loads the C kernels of `worker.native`: compiled for this CPU (`-march=native`) with the system's C
+compiler into the server's cache directory (`--cache-dir`, through `use_cache_dir`), keyed by the sources, the
+compiler and the CPU, so one build serves every later start (under a second).
+
+Where there is no compiler, no AVX-512, a failed build, or `TOKENMILL_NATIVE=0`, nothing is loaded and the torch
+paths run, about half as fast on a CPU: a warning says why, and so does the model's card (`status`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("tokenmill.native")
+
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared"]
+# OpenMP splits the kernel over torch's threads: the library resolves libgomp to the copy torch has loaded, so
+# both share one thread pool. A compiler without OpenMP builds it single-threaded.
+OPENMP = ["-fopenmp"]
+_cache_root: Path | None = None
+_unavailable = ""  # why `library()` returned None
+
+
+def use_cache_dir(root: Path) -> None:
+    """Build into (and load from) `root`/native: the server's cache directory. Call before the first `library()`."""
+    global _cache_root
+    _cache_root = root
+
+
+def cache_dir() -> Path:
+    """Beside the converted weights: the server's cache directory, or ~/.cache/tokenmill until one is set."""
+    return (_cache_root or Path.home() / ".cache" / "tokenmill") / "native"
+
+
+@functools.cache
+def _cpu_key() -> str:
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "model name")):
+                flags += line
+    except OSError:
+        flags = platform.processor()
+    return flags
+
+
+def _has_avx512() -> bool:
+    return "avx512f" in _cpu_key().split()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    texts = [path.read_text() for path in SOURCES + HEADERS]
+    digest = hashlib.sha256("\0".join([*texts, " ".join(FLAGS + OPENMP), version, _cpu_key()]).encode())
+    target = cache_dir() / f"kernels-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        command = [compiler, *FLAGS, "-o", str(built), *map(str, SOURCES)]
+        try:
+            subprocess.run([*command, *OPENMP], check=True, capture_output=True, timeout=120)
+        except subprocess.CalledProcessError:
+            subprocess.run(command, check=True, capture_output=True, timeout=120)
+        os.replace(built, target)  # atomic: workers starting together never load a half-written file
+    return target
+
+
+def _off(reason: str, level: int = logging.WARNING) -> None:
+    global _unavailable
+    _unavailable = reason
+    log.log(level, "native CPU kernels off, torch paths only (about half as fast): %s", reason)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built kernels, or None (and a warning saying why) where they cannot run."""
+    if os.environ.get("TOKENMILL_NATIVE", "1") == "0":
+        _off("switched off (TOKENMILL_NATIVE=0)", logging.INFO)
+        return None
+    if platform.machine() not in ("x86_64", "AMD64") or not _has_avx512():
+        _off(f"they need an x86 CPU with AVX-512, and this is {platform.machine()} without it")
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        _off("no C compiler (cc, gcc, clang or $CC) to build them")
+        return None
+    try:
+        path = _build(compiler)
+        lib = bind(ctypes.CDLL(str(path)))
+    except subprocess.CalledProcessError as exc:
+        detail = (exc.stderr or b"").decode(errors="replace").strip()[-500:] or f"exit status {exc.returncode}"
+        _off(f"{compiler} failed to build them: {detail}")
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        _off(f"they failed to build or load with {compiler}: {exc}")
+        return None
+    log.info("native CPU kernels loaded from %s", path)
+    return lib
+
+
+def status(device: torch.device) -> tuple[bool | None, str]:
+    """Whether the kernels serve a model on `device` (None: not a CPU, they do not apply), and why not."""
+    if device.type != "cpu":
+        return None, ""
+    return library() is not None, _unavailable
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the kernels' C signatures on a loaded copy of the library."""
+    lib.decode_attention.restype = ctypes.c_int
+    lib.decode_attention.argtypes = [
+        ctypes.c_int,  # dtype
+        ctypes.c_void_p,  # q
+        ctypes.c_int64,  # q row stride
+        ctypes.c_int64,  # q head stride
+        ctypes.c_void_p,  # k cache
+        ctypes.c_void_p,  # v cache
+        ctypes.c_void_p,  # block tables
+        ctypes.c_int64,  # max blocks
+        ctypes.c_void_p,  # lengths
+        ctypes.c_void_p,  # out
+        ctypes.c_int,  # B
+        ctypes.c_int,  # H
+        ctypes.c_int,  # Hkv
+        ctypes.c_int,  # D
+        ctypes.c_int64,  # num blocks
+        ctypes.c_int,  # block size
+        ctypes.c_float,  # scale
+    ]
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.add_rms_norm.restype = None
+    lib.add_rms_norm.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float]
+    lib.rope_store.restype = ctypes.c_int
+    lib.rope_store.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.rope_store.argtypes += [ptr, ptr, i64, ptr]
+    lib.silu_mul.restype = None
+    lib.silu_mul.argtypes = [ctypes.c_int, ptr, ptr, i64, i64]
+    lib.gguf_packed_size.restype = i64
+    lib.gguf_packed_size.argtypes = [ctypes.c_int, i64, i64]
+    lib.gguf_pack.restype = None
+    lib.gguf_pack.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
+    lib.gguf_linear.restype = ctypes.c_int
+    lib.gguf_linear.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
+    lib.gguf_amx_ready.restype = ctypes.c_int
+    lib.gguf_amx_ready.argtypes = []
+    lib.gguf_rows.restype = ctypes.c_int
+    lib.gguf_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
+    lib.argmax_rows.restype = None
+    lib.argmax_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    return lib
