@@ -74,6 +74,12 @@ class TokenmillReplica:
         from starlette.responses import StreamingResponse
 
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]
+        if request.client is not None:
+            # The replica's server sees Serve's proxy on loopback: the client's own address, appended as proxies do,
+            # decides who may use /admin
+            hops = [v for k, v in headers if k.lower() == "x-forwarded-for"] + [request.client.host]
+            headers = [(k, v) for k, v in headers if k.lower() != "x-forwarded-for"]
+            headers.append(("x-forwarded-for", ", ".join(hops)))
         upstream = self.client.build_request(
             request.method, request.url.path, params=request.url.query, headers=headers, content=await request.body()
         )
