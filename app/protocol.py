@@ -331,6 +331,11 @@ class ChatCompletionRequest(_SamplingRequest):
     def forces_tool_call(self) -> bool:
         return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
 
+    @property
+    def names_a_tool(self) -> bool:
+        """tool_choice names a function: exactly one call to it, which OpenAI finishes with 'stop'."""
+        return isinstance(self.tool_choice, NamedToolChoice)
+
     def offered_tools(self) -> list[dict[str, Any]]:
         """The tools as the chat template receives them (none when tool_choice is 'none')."""
         return [tool.model_dump(exclude_none=True) for tool in self.tools or []] if self.tools_active else []

@@ -97,6 +97,7 @@ class Serving:
         response_id = new_id("chatcmpl")
         want_logprobs = body.logprobs
         parsers = {c.index: ToolCallParser(tool_format) for c in gen.choices} if tool_format else {}
+        named = body.names_a_tool  # OpenAI finishes a call to a named function with 'stop'
 
         if body.stream:
 
@@ -133,7 +134,7 @@ class Serving:
                     if content or calls or not reason
                     else ChatDelta(),
                     logprobs=logprobs,
-                    finish_reason=_finish(reason, bool(parser and parser.calls)),
+                    finish_reason=_finish(reason, bool(parser and parser.calls) and not named),
                 )
                 return ChatCompletionChunk(id=response_id, model=served.name, choices=[choice]).to_sse()
 
@@ -158,7 +159,7 @@ class Serving:
                     index=c.index,
                     message=message,
                     logprobs=chat_logprobs(c.detok, c.logprobs[: c.num_tokens]) if want_logprobs else None,
-                    finish_reason=_finish(c.finish_reason, bool(message.tool_calls)) or "stop",
+                    finish_reason=_finish(c.finish_reason, bool(message.tool_calls) and not named) or "stop",
                 )
             )
         out = ChatCompletionResponse(id=response_id, model=served.name, choices=choices, usage=_usage(gen))
@@ -306,10 +307,12 @@ def _tool_format(served: ServedModel, tokenizer: Tokenizer) -> ToolFormat:
 
 
 def _forced_call(body: ChatCompletionRequest, tool_format: ToolFormat | None, tokenizer: Tokenizer) -> StructuredOutput:
-    """The grammar of a call that tool_choice 'required' or a named function forces."""
+    """The grammar of the call(s) that tool_choice forces: exactly one for a named function, as for 'required' with
+    parallel_tool_calls false; one or more for 'required'. The grammar ends there, so the output ends too."""
     assert tool_format is not None
     special = {tokenizer.fast.id_to_token(i) or "": i for i in tokenizer.special_ids}
-    grammar = forced_call_grammar(tool_format, body.forced_tools(), body.parallel_tool_calls, special)
+    parallel = body.parallel_tool_calls and not body.names_a_tool
+    grammar = forced_call_grammar(tool_format, body.forced_tools(), parallel, special)
     structured = StructuredOutput("grammar", grammar, "tools")
     try:
         check_grammar(structured)
