@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import chain
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -19,8 +20,53 @@ from worker.grammar import check as check_grammar
 from worker.messages import InvalidRequest, SamplingParams
 
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CONTAINERS = frozenset({str, list, dict})
 MAX_STOP_STRINGS = 64  # documented limits: a request may not make every detokenizer step scan thousands of strings
 MAX_STOP_CHARS = 1024
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """Where parsed JSON holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair), which Python's
+    json module lets through: the path of the string ('messages.0.content'), or of the object whose key it is."""
+    # Each entry is (value, its key, its parent's entry): the path is spelled only when there is something to report.
+    stack: list[tuple[Any, Any, Any]] = [(data, None, None)]
+    while stack:
+        entry = stack.pop()
+        value = entry[0]
+        kind = type(value)
+        if kind is str:
+            if _SURROGATE.search(value):
+                return _spell(entry)
+        elif kind is dict:
+            if any(_SURROGATE.search(key) for key in value if type(key) is str):
+                return _spell(entry)
+            items = [(item, key, entry) for key, item in value.items() if type(item) in _CONTAINERS]
+            stack.extend(reversed(items))
+        elif kind is list and not _plain(value):
+            items = [(item, i, entry) for i, item in enumerate(value) if type(item) in _CONTAINERS]
+            stack.extend(reversed(items))
+    return None
+
+
+def _plain(items: list[Any]) -> bool:
+    """Nothing to look at inside: only numbers (token ids), strings without a surrogate, or lists of either; told at
+    C speed, since a prompt may be a million token ids."""
+    types = set(map(type, items))
+    if types == {list}:
+        items = list(chain.from_iterable(items))
+        types = set(map(type, items))
+    if types == {str}:
+        return _SURROGATE.search("".join(items)) is None
+    return _CONTAINERS.isdisjoint(types)
+
+
+def _spell(entry: tuple[Any, Any, Any]) -> str:
+    keys = []
+    while entry[2] is not None:
+        keys.append(str(entry[1]))
+        entry = entry[2]
+    return ".".join(reversed(keys))
 
 
 def _unsupported_error(name: str) -> PydanticCustomError:
@@ -72,6 +118,20 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Body(_Strict):
+    """A whole request body. Every string in it, keys too, must be valid Unicode: a lone surrogate would fail
+    later, in the tokenizer or in encoding a reply that echoes it, as a 500. Checked once, before any field."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _lone_surrogate(data)
+        if where is not None:
+            message = "holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair), which is not text"
+            raise invalid(where, f"'{where or 'body'}' {message}", "invalid_unicode")
+        return data
 
 
 class TextContentPart(_Strict):
@@ -213,7 +273,7 @@ def _drop_no_ops(data: Any, unsupported: dict[str, tuple[Any, ...]]) -> Any:
     return kept
 
 
-class _SamplingRequest(StructuredFields, _Strict):
+class _SamplingRequest(StructuredFields, _Body):
     """The fields chat and completions share, and their mapping to the worker's sampling params (None: the default)."""
 
     model: str
@@ -387,7 +447,7 @@ class CompletionRequest(_SamplingRequest):
         return self._sampling_params(max_tokens, self.logprobs)
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(_Body):
     """vLLM's /tokenize: either a plain `prompt` or chat `messages` rendered with the model's template."""
 
     model: str | None = None
@@ -412,6 +472,6 @@ class TokenizeRequest(_Strict):
         return self.prompt is not None
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[Annotated[int, Field(ge=0)]]
