@@ -16,7 +16,6 @@ from pydantic_core import PydanticCustomError
 
 from app.errors import invalid
 from app.protocol_structured import StructuredFields
-from worker.grammar import check as check_grammar
 from worker.messages import InvalidRequest, SamplingParams
 
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]+")
@@ -316,9 +315,7 @@ class _SamplingRequest(StructuredFields, _Body):
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        structured = self.structured_output()
-        if structured is not None:
-            check_grammar(structured)  # a bad schema or grammar is refused here, before anything is queued
+        structured = self.structured_output()  # compiled and tried before this, off the event loop (app.serving)
         return SamplingParams(
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
