@@ -26,6 +26,8 @@ _LOC_ROOTS = frozenset({"body", "query", "path", "header", "cookie"})
 _FIELD_NAME = re.compile(r"[a-z0-9_]+")
 # pydantic puts the tried member of a union in `loc` ('str', 'list[TextContentPart]'); they are not fields
 _UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "bytes"})
+_NOT_AN_OBJECT = frozenset({"model_attributes_type", "model_type", "dict_type"})  # the body as a whole
+_PARSE_FAILED = "There was an error parsing the body"  # FastAPI's words, for any failure but a JSON syntax error
 
 
 def invalid(param: str, message: str, code: str | None = "invalid_value") -> PydanticCustomError:
@@ -62,7 +64,7 @@ class APIError(Exception):
         return JSONResponse(self.to_body().to_dict(), status_code=self.status, headers=self.headers)
 
     @classmethod
-    def invalid_request(cls, message: str, param: str | None = None, code: str | None = None) -> APIError:
+    def invalid_request(cls, message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
         return cls(400, message, param=param, code=code)
 
     @classmethod
@@ -146,7 +148,7 @@ def from_validation_errors(errors: Sequence[Any]) -> APIError:
     if kind == "missing":
         text = f"Missing required parameter: '{param}'." if param else "The request needs a JSON body."
         return APIError.invalid_request(text, param, "missing_required_parameter")
-    if param is None and kind in ("model_attributes_type", "model_type", "dict_type"):
+    if param is None and kind in _NOT_AN_OBJECT:
         return APIError.invalid_request("The request body must be a JSON object.", None, "invalid_value")
     text = f"Invalid value for '{param}': {message}" if param else message
     return APIError.invalid_request(text, param, "invalid_value")
@@ -180,7 +182,35 @@ async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return from_validation_errors(exc.errors()).to_response()
+    errors = exc.errors()
+    unparsed = any(error.get("type") in _NOT_AN_OBJECT and not _path(error) for error in errors)
+    if unparsed and not _is_json(request.headers.get("content-type")):
+        return unsupported_media_type(request.headers.get("content-type")).to_response()
+    return from_validation_errors(errors).to_response()
+
+
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def unsupported_media_type(content_type: str | None) -> APIError:
+    """A body sent as something other than JSON, which FastAPI leaves unparsed. Refused, as vLLM does, rather than
+    parsed anyway: a browser may send text/plain across origins without asking first (a CSRF door)."""
+    sent = f"'{content_type}'" if content_type else "no Content-Type"
+    message = f"The request body must be JSON sent with Content-Type: application/json; this one came with {sent}."
+    return APIError(415, message, code="unsupported_media_type")
+
+
+def _unparsable_body(cause: BaseException | None) -> APIError:
+    """FastAPI's 400 for a body it could not read as JSON, saying why."""
+    if isinstance(cause, UnicodeDecodeError):
+        message = f"The request body is not valid UTF-8 (byte {cause.object[cause.start]:#04x} at {cause.start})."
+    elif isinstance(cause, RecursionError):
+        message = "The request body's JSON is nested too deeply to parse."
+    else:
+        message = "We could not parse the JSON body of your request."
+    return APIError.invalid_request(message, code="invalid_json")
 
 
 async def _on_invalid_request(request: Request, exc: Exception) -> JSONResponse:
@@ -198,6 +228,8 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
         error = APIError(405, f"Method not allowed ({where})", code="method_not_allowed", headers=headers)
     elif exc.status_code == 413:
         error = APIError(413, "The request body is too large.", code="request_too_large", headers=headers)
+    elif exc.status_code == 400 and exc.detail == _PARSE_FAILED:
+        error = _unparsable_body(exc.__cause__)
     elif exc.status_code == 408:
         error = APIError(408, str(exc.detail), code="request_timeout", headers={"Connection": "close", **headers})
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import chain
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -15,12 +16,56 @@ from pydantic_core import PydanticCustomError
 
 from app.errors import invalid
 from app.protocol_structured import StructuredFields
-from worker.grammar import check as check_grammar
 from worker.messages import MAX_CACHE_SALT_CHARS, InvalidRequest, SamplingParams
 
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CONTAINERS = frozenset({str, list, dict})
 MAX_STOP_STRINGS = 64  # documented limits: a request may not make every detokenizer step scan thousands of strings
 MAX_STOP_CHARS = 1024
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """Where parsed JSON holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair), which Python's
+    json module lets through: the path of the string ('messages.0.content'), or of the object whose key it is."""
+    # Each entry is (value, its key, its parent's entry): the path is spelled only when there is something to report.
+    stack: list[tuple[Any, Any, Any]] = [(data, None, None)]
+    while stack:
+        entry = stack.pop()
+        value = entry[0]
+        kind = type(value)
+        if kind is str:
+            if _SURROGATE.search(value):
+                return _spell(entry)
+        elif kind is dict:
+            if any(_SURROGATE.search(key) for key in value if type(key) is str):
+                return _spell(entry)
+            items = [(item, key, entry) for key, item in value.items() if type(item) in _CONTAINERS]
+            stack.extend(reversed(items))
+        elif kind is list and not _plain(value):
+            items = [(item, i, entry) for i, item in enumerate(value) if type(item) in _CONTAINERS]
+            stack.extend(reversed(items))
+    return None
+
+
+def _plain(items: list[Any]) -> bool:
+    """Nothing to look at inside: only numbers (token ids), strings without a surrogate, or lists of either; told at
+    C speed, since a prompt may be a million token ids."""
+    types = set(map(type, items))
+    if types == {list}:
+        items = list(chain.from_iterable(items))
+        types = set(map(type, items))
+    if types == {str}:
+        return _SURROGATE.search("".join(items)) is None
+    return _CONTAINERS.isdisjoint(types)
+
+
+def _spell(entry: tuple[Any, Any, Any]) -> str:
+    keys = []
+    while entry[2] is not None:
+        keys.append(str(entry[1]))
+        entry = entry[2]
+    return ".".join(reversed(keys))
 
 
 def _unsupported_error(name: str) -> PydanticCustomError:
@@ -72,6 +117,20 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Body(_Strict):
+    """A whole request body. Every string in it, keys too, must be valid Unicode: a lone surrogate would fail
+    later, in the tokenizer or in encoding a reply that echoes it, as a 500. Checked once, before any field."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _lone_surrogate(data)
+        if where is not None:
+            message = "holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair), which is not text"
+            raise invalid(where, f"'{where or 'body'}' {message}", "invalid_unicode")
+        return data
 
 
 class TextContentPart(_Strict):
@@ -213,7 +272,7 @@ def _drop_no_ops(data: Any, unsupported: dict[str, tuple[Any, ...]]) -> Any:
     return kept
 
 
-class _SamplingRequest(StructuredFields, _Strict):
+class _SamplingRequest(StructuredFields, _Body):
     """The fields chat and completions share, and their mapping to the worker's sampling params (None: the default)."""
 
     model: str
@@ -257,9 +316,7 @@ class _SamplingRequest(StructuredFields, _Strict):
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        structured = self.structured_output()
-        if structured is not None:
-            check_grammar(structured)  # a bad schema or grammar is refused here, before anything is queued
+        structured = self.structured_output()  # compiled and tried before this, off the event loop (app.serving)
         return SamplingParams(
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
@@ -333,6 +390,11 @@ class ChatCompletionRequest(_SamplingRequest):
     def forces_tool_call(self) -> bool:
         return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
 
+    @property
+    def names_a_tool(self) -> bool:
+        """tool_choice names a function: exactly one call to it, which OpenAI finishes with 'stop'."""
+        return isinstance(self.tool_choice, NamedToolChoice)
+
     def offered_tools(self) -> list[dict[str, Any]]:
         """The tools as the chat template receives them (none when tool_choice is 'none')."""
         return [tool.model_dump(exclude_none=True) for tool in self.tools or []] if self.tools_active else []
@@ -384,7 +446,7 @@ class CompletionRequest(_SamplingRequest):
         return self._sampling_params(max_tokens, self.logprobs)
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(_Body):
     """vLLM's /tokenize: either a plain `prompt` or chat `messages` rendered with the model's template."""
 
     model: str | None = None
@@ -409,6 +471,6 @@ class TokenizeRequest(_Strict):
         return self.prompt is not None
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[Annotated[int, Field(ge=0)]]

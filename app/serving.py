@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from app.errors import APIError
 from app.generation import Delta, Generation, cancel_on_disconnect
+from app.grammar_check import GrammarCheck
 from app.logprobs import chat_logprobs, completion_logprobs
 from app.metrics import Metrics
 from app.model_pool import ModelPool, ServedModel
@@ -34,8 +35,7 @@ from app.protocol_responses import (
 from app.settings import Settings
 from app.tokenizer import ChatTemplateError, Tokenizer
 from app.tool_calls import ToolCallParser, ToolFormat, detect_format, forced_call_grammar
-from worker.grammar import check as check_grammar
-from worker.messages import InvalidRequest, SamplingParams, StructuredOutput
+from worker.messages import SamplingParams, StructuredOutput
 
 SSE_DONE = "data: [DONE]\n\n"
 SSE_KEEPALIVE = ": keep-alive\n\n"
@@ -47,6 +47,7 @@ class Serving:
         self.pool = pool
         self.metrics = metrics
         self.settings = settings
+        self.grammar_check = GrammarCheck()
 
     async def _admit(self, model_name: str) -> ServedModel:
         served = await self.pool.acquire(model_name)
@@ -93,10 +94,12 @@ class Serving:
         except ChatTemplateError as exc:
             raise APIError.invalid_request(str(exc), param="messages") from exc
         forced = _forced_call(body, tool_format, tokenizer) if body.forces_tool_call else None
+        await self.grammar_check(served, forced or body.structured_output())
         gen = self._generation(served, [prompt], body, forced)
         response_id = new_id("chatcmpl")
         want_logprobs = body.logprobs
         parsers = {c.index: ToolCallParser(tool_format) for c in gen.choices} if tool_format else {}
+        named = body.names_a_tool  # OpenAI finishes a call to a named function with 'stop'
 
         if body.stream:
 
@@ -133,7 +136,7 @@ class Serving:
                     if content or calls or not reason
                     else ChatDelta(),
                     logprobs=logprobs,
-                    finish_reason=_finish(reason, bool(parser and parser.calls)),
+                    finish_reason=_finish(reason, bool(parser and parser.calls) and not named),
                 )
                 return ChatCompletionChunk(id=response_id, model=served.name, choices=[choice]).to_sse()
 
@@ -158,7 +161,7 @@ class Serving:
                     index=c.index,
                     message=message,
                     logprobs=chat_logprobs(c.detok, c.logprobs[: c.num_tokens]) if want_logprobs else None,
-                    finish_reason=_finish(c.finish_reason, bool(message.tool_calls)) or "stop",
+                    finish_reason=_finish(c.finish_reason, bool(message.tool_calls) and not named) or "stop",
                 )
             )
         out = ChatCompletionResponse(id=response_id, model=served.name, choices=choices, usage=_usage(gen))
@@ -176,6 +179,7 @@ class Serving:
         vocab = served.info.vocab_size
         if any(t >= vocab for p in prompts for t in p):
             raise APIError.invalid_request(f"prompt has token ids outside the vocabulary [0, {vocab})", param="prompt")
+        await self.grammar_check(served, body.structured_output())
         gen = self._generation(served, prompts, body)
         response_id = new_id("cmpl")
         echo = [tokenizer.decode(p, skip_special_tokens=False) if body.echo else "" for p in prompts]
@@ -306,16 +310,13 @@ def _tool_format(served: ServedModel, tokenizer: Tokenizer) -> ToolFormat:
 
 
 def _forced_call(body: ChatCompletionRequest, tool_format: ToolFormat | None, tokenizer: Tokenizer) -> StructuredOutput:
-    """The grammar of a call that tool_choice 'required' or a named function forces."""
+    """The grammar of the call(s) that tool_choice forces: exactly one for a named function, as for 'required' with
+    parallel_tool_calls false; one or more for 'required'. The grammar ends there, so the output ends too."""
     assert tool_format is not None
     special = {tokenizer.fast.id_to_token(i) or "": i for i in tokenizer.special_ids}
-    grammar = forced_call_grammar(tool_format, body.forced_tools(), body.parallel_tool_calls, special)
-    structured = StructuredOutput("grammar", grammar, "tools")
-    try:
-        check_grammar(structured)
-    except InvalidRequest as exc:
-        raise APIError.invalid_request(f"the tools' parameters cannot be enforced: {exc}", param="tools") from exc
-    return structured
+    parallel = body.parallel_tool_calls and not body.names_a_tool
+    grammar = forced_call_grammar(tool_format, body.forced_tools(), parallel, special)
+    return StructuredOutput("grammar", grammar, "tools")  # checked with every other constraint (GrammarCheck)
 
 
 def _tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:

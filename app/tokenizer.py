@@ -8,12 +8,15 @@ templates the way transformers does: a sandboxed Jinja environment, then encodin
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from llguidance import LLTokenizer
 from tokenizers import Tokenizer as FastTokenizer
 
 
@@ -50,6 +53,8 @@ class Tokenizer:
             token_id for token_id, added in fast.get_added_tokens_decoder().items() if added.special
         )
         self.chat_template = chat_template
+        self._grammar_tokenizer: LLTokenizer | None = None
+        self._grammar_lock = threading.Lock()
         self._template: jinja2.Template | None = None
         if chat_template is not None:
             env = ImmutableSandboxedEnvironment(
@@ -87,6 +92,16 @@ class Tokenizer:
     ) -> str:
         """`clean_up_tokenization_spaces` is accepted for transformers' signature; tokenizer.json decoders need none."""
         return str(self.fast.decode(token_ids, skip_special_tokens=skip_special_tokens))
+
+    def grammar_tokenizer(self, vocab_size: int, eos_token_ids: Sequence[int]) -> LLTokenizer:
+        """llguidance's view of this tokenizer, to compile grammars against as the worker will; built on first use
+        (about a second for a large vocabulary, so off the event loop) and kept."""
+        with self._grammar_lock:
+            if self._grammar_tokenizer is None:
+                self._grammar_tokenizer = LLTokenizer(
+                    self.fast.to_str(), n_vocab=vocab_size, eos_token=list(eos_token_ids)
+                )
+            return self._grammar_tokenizer
 
     def convert_ids_to_tokens(self, token_ids: int | list[int]) -> str | list[str]:
         if isinstance(token_ids, int):

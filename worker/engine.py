@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from worker.loader import LoadedModel
 
 log = logging.getLogger("tokenmill.engine")
+COMPILE_WAIT = 0.02  # seconds a step with nothing else to run waits for a grammar to compile, instead of spinning
 
 
 def default_kv_cache_memory(device: torch.device, bytes_per_token: int, max_num_seqs: int, max_len: int) -> int | None:
@@ -182,16 +183,12 @@ class Engine:
                 "tokens); lower max_tokens or give the model more kv_cache_memory",
             )
         if params.structured is not None:
-            try:
-                self.grammar.add(request_id, params.structured)
-            except InvalidRequest:
-                raise
-            except Exception as exc:  # the tokenizer would not load, say: still this request's problem alone
-                raise InvalidRequest(params.structured.param, f"cannot be enforced by this model: {exc}") from exc
+            self.grammar.add(request_id, params.structured)  # compiles off the step; the request waits for it
         seq = Sequence(request_id, list(prompt_token_ids), params, arrival=self._arrivals)
         self._arrivals += 1
         self.requests[request_id] = seq
-        self.scheduler.add(seq)
+        if params.structured is None:
+            self.scheduler.add(seq)
 
     def abort(self, request_ids: Iterable[str]) -> None:
         """Drop requests at once, freeing their blocks; unknown or finished ids are ignored."""
@@ -199,16 +196,18 @@ class Engine:
             seq = self.requests.pop(request_id, None)
             if seq is None:
                 continue
-            self.scheduler.abort(seq)
+            if request_id not in self.grammar.compiling:
+                self.scheduler.abort(seq)
             self._release(request_id)
             self.pending.append(RequestOutput(request_id, [], "abort"))
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self.pending)
+        return self.scheduler.has_work() or bool(self.pending) or bool(self.grammar.compiling)
 
     def step(self) -> StepOutput:
         start = time.perf_counter()
         outputs, self.pending = self.pending, []
+        outputs.extend(self._schedule_compiled(idle=not (outputs or self.scheduler.has_work())))
         plan = self.scheduler.schedule()
         if plan.scheduled:
             try:
@@ -281,6 +280,24 @@ class Engine:
             del self.requests[request_id]
             self._release(request_id)
         return outputs
+
+    def _schedule_compiled(self, idle: bool) -> list[RequestOutput]:
+        """Requests whose grammar has compiled join the scheduler; one that failed to compile ends with its error."""
+        failed = []
+        for request_id, error in self.grammar.compiled(COMPILE_WAIT if idle else 0.0):
+            seq = self.requests[request_id]
+            if error is None:
+                self.scheduler.add(seq)
+            else:
+                del self.requests[request_id]
+                seq.finish_reason = "error"
+                self._release(request_id)
+                failed.append(
+                    RequestOutput(
+                        request_id, [], "error", error=str(error), error_code="invalid_request", error_param=error.param
+                    )
+                )
+        return failed
 
     def _allowed(self, rows: list[SampleInput], masks: dict[str, torch.Tensor]) -> list[torch.Tensor | None]:
         """Each row's grammar mask; a matcher in an error state allows only EOS, so its request ends, not rambles."""

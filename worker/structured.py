@@ -1,6 +1,8 @@
-"""`GrammarMasks`: the worker's side of structured outputs. One llguidance matcher per constrained request; each step
-the allowed-token masks of the rows to sample are computed on a helper thread while the model runs (llguidance drops
-the GIL), then applied to the logits before sampling, and every sampled token advances its matcher.
+"""`GrammarMasks`: the worker's side of structured outputs. One llguidance matcher per constrained request, compiled
+on a thread of its own (a hostile grammar's first mask can take a second even within the limits, and the step must
+not wait for it); each step the allowed-token masks of the rows to sample are computed on a helper thread while the
+model runs (llguidance drops the GIL), then applied to the logits before sampling, and every sampled token advances
+its matcher.
 """
 
 from __future__ import annotations
@@ -8,13 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
 from llguidance import LLExecutor, LLMatcher, LLTokenizer
 
-from worker.grammar import check
+from worker.grammar import GrammarThreads, compile_matcher, to_grammar, validate
 from worker.messages import InvalidRequest, StructuredOutput
 
 log = logging.getLogger("tokenmill.structured")
@@ -45,6 +47,8 @@ class GrammarMasks:
         self._tokenizer: LLTokenizer | None = None  # built on the first constrained request (about a second)
         self._executor = LLExecutor()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-grammar")
+        self._compiler = GrammarThreads(1, "tokenmill-grammar-compile")
+        self.compiling: dict[str, Future[LLMatcher]] = {}
         self.matchers: dict[str, LLMatcher] = {}
         self.mask_seconds = 0.0  # cumulative: computing masks (overlapped with the forward)
         self.wait_seconds = 0.0  # cumulative: the step waiting for masks after its forward
@@ -61,14 +65,41 @@ class GrammarMasks:
         return self._tokenizer
 
     def add(self, request_id: str, structured: StructuredOutput) -> None:
-        """Compile the request's grammar against the tokenizer; InvalidRequest when it does not compile."""
-        matcher = LLMatcher(self._llg_tokenizer(), check(structured), log_level=0)
-        if matcher.is_error():
-            raise InvalidRequest(structured.param, f"cannot be enforced: {matcher.get_error()}")
-        self.matchers[request_id] = matcher
+        """Turn the constraint into a grammar (InvalidRequest at once if it cannot be one) and start compiling it
+        against the tokenizer; `compiled` hands the request back when that is done, or failed."""
+        grammar = to_grammar(structured)
+        self.compiling[request_id] = self._compiler.submit(self._compile, structured, grammar)
+
+    def _compile(self, structured: StructuredOutput, grammar: str) -> LLMatcher:
+        try:
+            return compile_matcher(self._llg_tokenizer(), structured, validate(structured, grammar))
+        except InvalidRequest:
+            raise
+        except Exception as exc:  # the tokenizer would not load, say: still this request's problem alone
+            raise InvalidRequest(structured.param, f"cannot be enforced by this model: {exc}") from exc
+
+    def compiled(self, timeout: float = 0.0) -> list[tuple[str, InvalidRequest | None]]:
+        """The requests whose grammar finished compiling since the last call, each with its error if it failed.
+        Waits up to `timeout` seconds for the first when none is done yet."""
+        if timeout > 0 and self.compiling:
+            wait(self.compiling.values(), timeout, return_when=FIRST_COMPLETED)
+        done: list[tuple[str, InvalidRequest | None]] = []
+        for request_id, future in list(self.compiling.items()):
+            if not future.done():
+                continue
+            del self.compiling[request_id]
+            error = future.exception()
+            assert error is None or isinstance(error, InvalidRequest)  # `_compile` turns any failure into one
+            if error is None:
+                self.matchers[request_id] = future.result()
+            done.append((request_id, error))
+        return done
 
     def release(self, request_id: str) -> None:
         self.matchers.pop(request_id, None)
+        future = self.compiling.pop(request_id, None)
+        if future is not None:
+            future.cancel()
 
     def start(self, request_ids: Sequence[str]) -> Future[MaskBatch] | None:
         """Begin computing the masks of the constrained ones among `request_ids` on the helper thread."""
@@ -109,3 +140,4 @@ class GrammarMasks:
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
+        self._compiler.shutdown()

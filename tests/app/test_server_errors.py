@@ -148,8 +148,8 @@ def test_unsupported_fields_with_no_op_values_are_accepted(client: httpx.Client)
 
 @pytest.mark.parametrize(
     "body",
-    [b'{"model": "tiny", ', b"not json at all", b'{"model": "tiny",}', b"\xff\xfe"],
-    ids=["truncated", "text", "trailing-comma", "not-utf8"],
+    [b'{"model": "tiny", ', b"not json at all", b'{"model": "tiny",}', b"\xff\xfe", b'{"model": "\xff"}'],
+    ids=["truncated", "text", "trailing-comma", "not-utf8", "not-utf8-inside"],
 )
 def test_malformed_json_is_400_never_422(client: httpx.Client, body: bytes) -> None:
     assert_error(post_raw(client, CHAT, body), 400, "invalid_json", None)

@@ -129,6 +129,9 @@ def test_completions_accept_constraints_too(server: Server) -> None:
         ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "one structured output constraint"),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "json_schema is required"),
         ({"guided_json": {"type": "object"}, "ignore_eos": True}, "ignore_eos", "structured output"),
+        ({"guided_regex": "(a{1000}){1000}"}, "guided_regex", "too many expressions"),
+        ({"guided_json": {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}}, "guided_json", "no output"),
+        ({"guided_choice": [f"option {i}" for i in range(2500)]}, "guided_choice", "max is 2000"),
     ],
 )  # fmt: skip
 def test_bad_constraints_get_a_400_that_says_what_is_wrong(

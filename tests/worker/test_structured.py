@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from tests.worker.engine_harness import make_engine, run_all
+from tests.worker.engine_harness import drain, make_engine, run_all
 from worker.engine import Engine
 from worker.messages import InvalidRequest, SamplingParams, StructuredOutput
 
@@ -134,8 +134,16 @@ def test_choice_and_grammar(engine: Engine, tokenizer: PreTrainedTokenizerBase) 
         (StructuredOutput("choice", "[]", "guided_choice"), "non-empty list"),
     ],
 )
-def test_a_bad_constraint_is_refused_before_queueing(engine: Engine, structured: StructuredOutput, words: str) -> None:
-    with pytest.raises(InvalidRequest) as refused:
+def test_a_bad_constraint_is_refused_before_it_runs(engine: Engine, structured: StructuredOutput, words: str) -> None:
+    """At once when it cannot even be a grammar; else once its compiling (off the step) fails, before any token."""
+    param: str | None
+    try:
         engine.add_request("bad", [1, 2, 3], SamplingParams(structured=structured))
-    assert refused.value.param == structured.param and words in str(refused.value)
+    except InvalidRequest as refused:
+        error, param = str(refused), refused.param
+    else:
+        [output] = drain(engine).steps[-1].outputs
+        assert (output.finish_reason, output.error_code, output.new_token_ids) == ("error", "invalid_request", [])
+        error, param = output.error or "", output.error_param
+    assert param == structured.param and words in error
     assert "bad" not in engine.requests and not engine.has_work()
