@@ -105,15 +105,13 @@ class Generation:
         return sum(c.num_tokens for c in self.choices)
 
     def start(self) -> None:
-        """Call it from the request's own task: the waiting slot `admit` took passes to the leaders' streams."""
+        """Call it from the request's own task: the reservation `admit` took passes to the choices' streams, which
+        are all open from now on (a choice waiting for its leader counts as in flight too)."""
         leaders: dict[int, Choice] = {}
         for choice in self.choices:
             leader = leaders.setdefault(choice.prompt_index, choice)
-            wait_for = None
-            if leader is choice:
-                self.client.open_stream(choice.request_id)
-            else:
-                wait_for = leader.started
+            self.client.open_stream(choice.request_id)
+            wait_for = None if leader is choice else leader.started
             self._tasks.append(asyncio.create_task(self._pump(choice, wait_for)))
         self.client.admitted()
 

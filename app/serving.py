@@ -48,12 +48,24 @@ class Serving:
         self.metrics = metrics
         self.settings = settings
 
-    async def _admit(self, model_name: str) -> ServedModel:
+    async def _admit(self, model_name: str, num_prompts: int, n: int) -> ServedModel:
+        """The model, with room taken for the request's engine requests (prompts x n), all or none: 400 if they
+        can never fit (more than its running slots plus waiting queue), 429 with Retry-After while it is too busy."""
         served = await self.pool.acquire(model_name)
-        if not served.client.admit():
+        client, info, count = served.client, served.info, num_prompts * n
+        if count > client.capacity:
+            raise APIError.invalid_request(
+                f"this request asks for {count} completions ({num_prompts} prompt(s) x n={n}); model '{served.name}' "
+                f"takes at most {client.capacity} at once (max_num_seqs {info.max_num_seqs} + max_waiting_requests "
+                f"{client.max_waiting_requests}); send fewer prompts or a lower n",
+                param="n" if n > 1 else "prompt",
+                code="too_many_completions",
+            )
+        if not client.admit(count):
             self.metrics.rejected.labels(served.name, "queue_full").inc()
             raise APIError.rate_limited(
-                f"model '{served.name}' has {served.client.max_waiting_requests} requests waiting; retry shortly",
+                f"model '{served.name}' is busy: {client.num_in_flight()} of its {client.capacity} request slots are "
+                f"taken and this request needs {count}; retry shortly",
                 retry_after=1,
             )
         return served
@@ -81,7 +93,7 @@ class Serving:
     # --- chat ----------------------------------------------------------------------------------------------------
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        served = await self._admit(body.model)
+        served = await self._admit(body.model, 1, body.n)
         tokenizer = served.tokenizer
         assert tokenizer is not None
         messages = [m.to_template() for m in body.messages]
@@ -167,10 +179,11 @@ class Serving:
     # --- completions ---------------------------------------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        served = await self._admit(body.model)
+        texts = body.prompts()
+        served = await self._admit(body.model, len(texts), body.n)
         tokenizer = served.tokenizer
         assert tokenizer is not None
-        prompts = [p if isinstance(p, list) else tokenizer.encode(p) for p in body.prompts()]
+        prompts = [p if isinstance(p, list) else tokenizer.encode(p) for p in texts]
         if any(not p for p in prompts):
             raise APIError.invalid_request("prompt is empty", param="prompt")
         vocab = served.info.vocab_size

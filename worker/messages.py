@@ -184,6 +184,7 @@ class ModelInfo(msgspec.Struct, tag=True):
     device: str
     kv_blocks_total: int
     block_size: int
+    max_num_seqs: int  # running slots: with max_waiting_requests, what the API process admits at once
     tokenizer_dir: str  # where the API process reads tokenizer.json and the chat template
 
 
