@@ -17,6 +17,7 @@ from app.generation import Delta, Generation, cancel_on_disconnect
 from app.logprobs import chat_logprobs, completion_logprobs
 from app.metrics import Metrics
 from app.model_pool import ModelPool, ServedModel
+from app.preparation import chat_prompt, completion_prompts, too_many_prompts
 from app.protocol import ChatCompletionRequest, CompletionRequest
 from app.protocol_responses import (
     ChatChoice,
@@ -101,7 +102,7 @@ class Serving:
         tool_format = _tool_format(served, tokenizer) if tools else None
         extra = {"tools": tools} if tools else {}
         try:
-            prompt = await asyncio.to_thread(tokenizer.apply_chat_template, messages, True, **extra)
+            prompt = await chat_prompt(tokenizer, messages, **extra)
         except ChatTemplateError as exc:
             raise APIError.invalid_request(str(exc), param="messages") from exc
         forced = _forced_call(body, tool_format, tokenizer) if body.forces_tool_call else None
@@ -179,16 +180,14 @@ class Serving:
     # --- completions ---------------------------------------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        texts = body.prompts()
-        served = await self._admit(body.model, len(texts), body.n)
+        prompt, cap = body.prompt, self.settings.max_prompts_per_request
+        num_prompts = 1 if isinstance(prompt, str) or isinstance(prompt[0], int) else len(prompt)
+        if num_prompts > cap:
+            raise too_many_prompts(cap, num_prompts)
+        served = await self._admit(body.model, num_prompts, body.n)
         tokenizer = served.tokenizer
         assert tokenizer is not None
-        prompts = [p if isinstance(p, list) else tokenizer.encode(p) for p in texts]
-        if any(not p for p in prompts):
-            raise APIError.invalid_request("prompt is empty", param="prompt")
-        vocab = served.info.vocab_size
-        if any(t >= vocab for p in prompts for t in p):
-            raise APIError.invalid_request(f"prompt has token ids outside the vocabulary [0, {vocab})", param="prompt")
+        prompts = await completion_prompts(tokenizer, body.prompts(), served.info.vocab_size)
         gen = self._generation(served, prompts, body)
         response_id = new_id("cmpl")
         echo = [tokenizer.decode(p, skip_special_tokens=False) if body.echo else "" for p in prompts]

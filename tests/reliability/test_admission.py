@@ -1,11 +1,13 @@
 """Admission counts the work a request carries: prompts x n engine requests, against the model's running slots plus
 its waiting queue. An idle model takes a burst up to that sum; a request that does not fit now gets 429 and one that
-can never fit gets 400, with nothing of either run.
+can never fit gets 400, with nothing of either run; prompt lists have a cap; and heavy bodies (a 4 MiB batch of tiny
+prompts, a 4 MiB text to /tokenize) do not stall the event loop that serves everyone else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ from worker import faults
 MAX_NUM_SEQS = 8
 MAX_WAITING = 4
 CAPACITY = MAX_NUM_SEQS + MAX_WAITING
+MAX_PROMPTS = 32
 MODEL = "tiny"
 
 
@@ -30,7 +33,7 @@ def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     tmp = tmp_path_factory.mktemp("admission")
     registry = write_registry(tmp / "models.yaml", [model_entry(tiny_llama_dir, MODEL, threads=1)])
     # 10 ms more per engine step: a 100-token request lasts over a second however fast the machine is
-    env = {faults.ENV: "slow:10"}
+    env = {faults.ENV: "slow:10", "TOKENMILL_MAX_PROMPTS_PER_REQUEST": str(MAX_PROMPTS)}
     args = ("--max-num-seqs", str(MAX_NUM_SEQS), "--max-waiting-requests", str(MAX_WAITING))
     server = start_server(registry, tmp, *args, env=env, ready_timeout=120)
     try:
@@ -120,6 +123,16 @@ def test_more_completions_than_the_model_ever_holds_is_a_400_and_nothing_runs(cl
         assert after[name] == before[name], f"{name} moved: part of a refused request ran"
 
 
+def test_a_prompt_list_over_the_cap_is_a_400(client: httpx.Client) -> None:
+    before = metrics(client)
+    prompts = ["x"] * (MAX_PROMPTS + 1)
+    error = assert_error(client.post("/v1/completions", json=completion(prompts, 1)), 400, "too_many_prompts", "prompt")
+    assert str(MAX_PROMPTS) in error["message"]
+    token_lists = [[5]] * (MAX_PROMPTS + 1)
+    assert_error(client.post("/v1/completions", json=completion(token_lists, 1)), 400, "too_many_prompts", "prompt")
+    assert metrics(client)["tokenmill_iteration_tokens_count"] == before["tokenmill_iteration_tokens_count"]
+
+
 def _stream_until_stopped(server: Server, started: threading.Event, stop: threading.Event) -> None:
     body = completion("Keep going.", 400, stream=True)
     with server.client(timeout=60.0) as http, http.stream("POST", "/v1/completions", json=body) as response:
@@ -156,3 +169,48 @@ def test_a_batch_larger_than_the_free_room_is_refused_whole_while_busy(server: S
         for runner in runners:
             runner.join(60)
     wait_idle(client)
+
+
+# --- heavy bodies do not stall everyone else --------------------------------------------------------------------
+
+
+def _hammer(server: Server, path: str, payload: bytes, stop: threading.Event, statuses: list[int]) -> None:
+    headers = {"Content-Type": "application/json"}
+    with server.client(timeout=120.0) as http:
+        while not stop.is_set():
+            statuses.append(http.post(path, content=payload, headers=headers).status_code)
+
+
+def test_heavy_bodies_leave_small_requests_fast(server: Server, client: httpx.Client) -> None:
+    many_prompts = json.dumps(completion(["a"] * 1_000_000, 1, n=128), separators=(",", ":")).encode()  # 4 MB
+    long_text = json.dumps({"model": MODEL, "prompt": "The quick brown fox jumps over the lazy dog. " * 85_000})
+    assert len(many_prompts) < 4 * 2**20 and len(long_text) < 4 * 2**20
+    stop = threading.Event()
+    statuses: dict[str, list[int]] = {"/v1/completions": [], "/tokenize": []}
+    hammers = [
+        threading.Thread(target=_hammer, args=(server, path, payload, stop, statuses[path]))
+        for path, payload in (
+            ("/v1/completions", many_prompts),
+            ("/v1/completions", many_prompts),
+            ("/tokenize", long_text.encode()),
+        )
+    ]
+    latencies: list[float] = []
+    for hammer in hammers:
+        hammer.start()
+    try:
+        time.sleep(1.0)  # the heavy bodies are arriving
+        for i in range(20):
+            start = time.monotonic()
+            response = client.post("/v1/completions", json=completion(f"small {i}", 4))
+            latencies.append(time.monotonic() - start)
+            assert response.status_code == 200, response.text
+    finally:
+        stop.set()
+        for hammer in hammers:
+            hammer.join(120)
+    assert statuses["/v1/completions"] and set(statuses["/v1/completions"]) == {400}, statuses
+    assert statuses["/tokenize"] and set(statuses["/tokenize"]) == {200}, statuses
+    latencies.sort()
+    p99 = latencies[-1]  # of 20: the slowest
+    assert p99 < 1.0, f"small requests took up to {p99:.2f} s (median {latencies[10]:.2f} s) beside heavy bodies"
