@@ -161,11 +161,17 @@ class EngineClient:
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
 
-    async def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
+    async def submit(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> RequestStream | None:
+        """Sends the request whose stream `open_stream` registered; None, sending nothing, if it was aborted since
+        (an abort that lands before the add must not leave the add to run with no one reading it)."""
         if self._writer is None or self.error is not None:
             self.streams.pop(request_id, None)
             raise WorkerGone(self.error or f"model '{self.name}' is not running")
-        stream = self.open_stream(request_id)
+        stream = self.streams.get(request_id)
+        if stream is None:
+            return None
         self._writer.write(transport.encode_frame(AddRequest(request_id, prompt_token_ids, params)))
         await self._writer.drain()
         return stream

@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from app.errors import APIError
-from app.generation import Delta, Generation, cancel_on_disconnect
+from app.generation import Delta, Generation, GenerationStream, cancel_on_disconnect
 from app.logprobs import chat_logprobs, completion_logprobs
 from app.metrics import Metrics
 from app.model_pool import ModelPool, ServedModel
@@ -250,26 +250,28 @@ class Serving:
     # --- shared --------------------------------------------------------------------------------------------------
 
     async def _collect(self, gen: Generation, request: Request) -> None:
-        """Run to the end; a client that disconnects meanwhile aborts every choice."""
-        gen.start()
+        """Run to the end; a client that disconnects meanwhile (or a cancelled handler) aborts every choice."""
 
         async def consume() -> None:
             async for _ in gen.events():
                 pass
 
-        async with cancel_on_disconnect(request.receive) as disconnected:
-            work = asyncio.create_task(consume())
-            await asyncio.wait({work, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        gen.start()
+        work = asyncio.create_task(consume())
+        try:
+            async with cancel_on_disconnect(request.receive) as disconnected:
+                await asyncio.wait({work, disconnected}, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():
-                work.cancel()
-                gen.close()
                 raise APIError(499, "client closed the request", code="client_closed")
             work.result()
+        finally:
+            work.cancel()
+            gen.close()
 
     def _stream(
         self, gen: Generation, prelude: list[str], chunk: ChunkBuilder, usage: Callable[[], str] | None
     ) -> StreamingResponse:
-        gen.start()
+        """The generation starts when the response does, and ends with it however it ends (see GenerationStream)."""
 
         async def body() -> AsyncIterator[str]:
             try:
@@ -291,7 +293,7 @@ class Serving:
             yield SSE_DONE
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+        return GenerationStream(gen, body(), headers)
 
 
 def _finish(reason: str | None, tool_calls: bool = False) -> Any:
