@@ -60,7 +60,7 @@ class EngineClient:
         self.cache_dir = cache_dir
         self.info: ModelInfo | None = None
         self.streams: dict[str, RequestStream] = {}
-        self._admitting: set[asyncio.Task[Any]] = set()  # admitted API requests with nothing submitted yet
+        self._admitting: dict[asyncio.Task[Any], int] = {}  # engine requests reserved by API requests, not yet open
         self.liveness = Liveness()  # what the supervisor's watchdog judges
         self.on_step: list[Callable[[StepOutput], None]] = []
         self.error: str | None = None
@@ -127,32 +127,43 @@ class EngineClient:
                 await self._reader_task
         await self._close_handle()
 
+    @property
+    def capacity(self) -> int:
+        """Engine requests this model takes at once: one per running slot (max_num_seqs) plus its waiting queue."""
+        return (self.info.max_num_seqs if self.info is not None else 0) + self.max_waiting_requests
+
     def num_waiting(self) -> int:
-        """Requests accepted here that have not produced a token yet: queued in the worker or on their way."""
-        return len(self._admitting) + sum(1 for stream in self.streams.values() if not stream.started)
+        """Engine requests accepted here that have not produced a token yet: queued in the worker or on their way."""
+        return sum(self._admitting.values()) + sum(1 for stream in self.streams.values() if not stream.started)
 
     def num_in_flight(self) -> int:
-        return len(self._admitting) + len(self.streams)
+        """Engine requests accepted here and not finished: reserved by API requests still preparing, or streams."""
+        return sum(self._admitting.values()) + len(self.streams)
 
-    def admit(self) -> bool:
-        """Takes a waiting slot for the calling request, held until `admitted` (or until the request's task ends).
+    def admit(self, count: int = 1) -> bool:
+        """Reserves `count` engine requests (prompts x n) for the calling API request if the model has room for
+        them, held until `admitted` (or until the request's task ends). All or nothing: never a part of them.
 
-        A request awaits (chat template, tokenizing) between admission and submission; without the slot, a burst
-        would all pass the check before any of it counts as waiting.
+        A request awaits (chat template, tokenizing) between admission and submission; without the reservation, a
+        burst would all pass the check before any of it counts.
         """
-        if self.num_waiting() >= self.max_waiting_requests:
+        if self.num_in_flight() + count > self.capacity:
             return False
         task = asyncio.current_task()
-        if task is not None and task not in self._admitting:
-            self._admitting.add(task)
-            task.add_done_callback(self._admitting.discard)
+        if task is not None:
+            if task not in self._admitting:
+                task.add_done_callback(self._release)
+            self._admitting[task] = self._admitting.get(task, 0) + count
         return True
 
     def admitted(self) -> None:
-        """The calling request's streams are open (`open_stream`), so they count as waiting instead of its slot."""
+        """Drops the calling request's reservation: its streams are open now (`open_stream`) and count instead."""
         task = asyncio.current_task()
         if task is not None:
-            self._admitting.discard(task)
+            self._admitting.pop(task, None)
+
+    def _release(self, task: asyncio.Task[Any]) -> None:
+        self._admitting.pop(task, None)
 
     def open_stream(self, request_id: str) -> RequestStream:
         """Registers a request's stream before it is submitted, so it counts as waiting from now on."""
@@ -163,11 +174,17 @@ class EngineClient:
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
 
-    async def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
+    async def submit(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> RequestStream | None:
+        """Sends the request whose stream `open_stream` registered; None, sending nothing, if it was aborted since
+        (an abort that lands before the add must not leave the add to run with no one reading it)."""
         if self._writer is None or self.error is not None:
             self.streams.pop(request_id, None)
             raise WorkerGone(self.error or f"model '{self.name}' is not running")
-        stream = self.open_stream(request_id)
+        stream = self.streams.get(request_id)
+        if stream is None:
+            return None
         self._writer.write(transport.encode_frame(AddRequest(request_id, prompt_token_ids, params)))
         await self._writer.drain()
         return stream

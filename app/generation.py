@@ -14,9 +14,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import msgspec
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from app.detokenizer import IncrementalDetokenizer
-from app.engine_client import RequestStream, WorkerGone
+from app.engine_client import WorkerGone
 from app.errors import APIError
 from app.metrics import Metrics
 from app.model_pool import ServedModel
@@ -88,6 +90,7 @@ class Generation:
                 self.choices.append(Choice(index, prompt_index, f"{base}-{index}", detok, seeded))
         self._queue: asyncio.Queue[tuple[Choice, RequestOutput | Exception]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
         self._done = False
 
     @property
@@ -105,15 +108,16 @@ class Generation:
         return sum(c.num_tokens for c in self.choices)
 
     def start(self) -> None:
-        """Call it from the request's own task: the waiting slot `admit` took passes to the leaders' streams."""
+        """Call it from the request's own task: the reservation `admit` took passes to the choices' streams, which
+        are all open from now on (a choice waiting for its leader counts as in flight too)."""
+        if self._started or self._done:
+            return
+        self._started = True
         leaders: dict[int, Choice] = {}
         for choice in self.choices:
             leader = leaders.setdefault(choice.prompt_index, choice)
-            wait_for = None
-            if leader is choice:
-                self.client.open_stream(choice.request_id)
-            else:
-                wait_for = leader.started
+            self.client.open_stream(choice.request_id)
+            wait_for = None if leader is choice else leader.started
             self._tasks.append(asyncio.create_task(self._pump(choice, wait_for)))
         self.client.admitted()
 
@@ -121,9 +125,9 @@ class Generation:
         try:
             if wait_for is not None:
                 await wait_for.wait()
-            stream: RequestStream = await self.client.submit(
-                choice.request_id, self.prompts[choice.prompt_index], choice.params
-            )
+            stream = await self.client.submit(choice.request_id, self.prompts[choice.prompt_index], choice.params)
+            if stream is None:
+                return  # aborted before it was sent: nothing runs in the worker
             while True:
                 out = await stream.next()
                 choice.started.set()
@@ -215,10 +219,12 @@ class Generation:
                 choice.finish_reason = "abort"
 
     def close(self) -> None:
+        """Ends the generation, aborting whatever is unfinished; safe to call more than once, and before `start`
+        (nothing is submitted then)."""
         if self._done:
             return
         self._done = True
-        if any(c.finish_reason is None for c in self.choices):
+        if self._started and any(c.finish_reason is None for c in self.choices):
             self.abort("client_disconnect")
         for task in self._tasks:
             task.cancel()
@@ -239,6 +245,24 @@ async def watch_disconnect(receive: object) -> None:
         message = await receive()  # type: ignore[operator]
         if message.get("type") == "http.disconnect":
             return
+
+
+class GenerationStream(StreamingResponse):
+    """The SSE response of a generation. It starts the generation when the response starts, and closes it (aborting
+    what is unfinished) however the response ends: streamed to the end, client gone, or cancelled. Starlette cancels
+    a stream whose client left wherever it waits, often outside the body generator, whose own cleanup then waits
+    for garbage collection; requests must not keep running until then."""
+
+    def __init__(self, generation: Generation, body: AsyncIterator[str], headers: dict[str, str]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=headers)
+        self.generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.generation.start()
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.close()
 
 
 @contextlib.asynccontextmanager

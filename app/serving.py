@@ -13,11 +13,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from app.errors import APIError
-from app.generation import Delta, Generation, cancel_on_disconnect
+from app.generation import Delta, Generation, GenerationStream, cancel_on_disconnect
 from app.grammar_check import GrammarCheck
 from app.logprobs import chat_logprobs, completion_logprobs
 from app.metrics import Metrics
 from app.model_pool import ModelPool, ServedModel
+from app.preparation import chat_prompt, completion_prompts, too_many_prompts
 from app.protocol import ChatCompletionRequest, CompletionRequest
 from app.protocol_responses import (
     ChatChoice,
@@ -49,12 +50,24 @@ class Serving:
         self.settings = settings
         self.grammar_check = GrammarCheck()
 
-    async def _admit(self, model_name: str) -> ServedModel:
+    async def _admit(self, model_name: str, num_prompts: int, n: int) -> ServedModel:
+        """The model, with room taken for the request's engine requests (prompts x n), all or none: 400 if they
+        can never fit (more than its running slots plus waiting queue), 429 with Retry-After while it is too busy."""
         served = await self.pool.acquire(model_name)
-        if not served.client.admit():
+        client, info, count = served.client, served.info, num_prompts * n
+        if count > client.capacity:
+            raise APIError.invalid_request(
+                f"this request asks for {count} completions ({num_prompts} prompt(s) x n={n}); model '{served.name}' "
+                f"takes at most {client.capacity} at once (max_num_seqs {info.max_num_seqs} + max_waiting_requests "
+                f"{client.max_waiting_requests}); send fewer prompts or a lower n",
+                param="n" if n > 1 else "prompt",
+                code="too_many_completions",
+            )
+        if not client.admit(count):
             self.metrics.rejected.labels(served.name, "queue_full").inc()
             raise APIError.rate_limited(
-                f"model '{served.name}' has {served.client.max_waiting_requests} requests waiting; retry shortly",
+                f"model '{served.name}' is busy: {client.num_in_flight()} of its {client.capacity} request slots are "
+                f"taken and this request needs {count}; retry shortly",
                 retry_after=1,
             )
         return served
@@ -82,7 +95,7 @@ class Serving:
     # --- chat ----------------------------------------------------------------------------------------------------
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        served = await self._admit(body.model)
+        served = await self._admit(body.model, 1, body.n)
         tokenizer = served.tokenizer
         assert tokenizer is not None
         messages = [m.to_template() for m in body.messages]
@@ -90,7 +103,7 @@ class Serving:
         tool_format = _tool_format(served, tokenizer) if tools else None
         extra = {"tools": tools} if tools else {}
         try:
-            prompt = await asyncio.to_thread(tokenizer.apply_chat_template, messages, True, **extra)
+            prompt = await chat_prompt(tokenizer, messages, **extra)
         except ChatTemplateError as exc:
             raise APIError.invalid_request(str(exc), param="messages") from exc
         forced = _forced_call(body, tool_format, tokenizer) if body.forces_tool_call else None
@@ -170,15 +183,14 @@ class Serving:
     # --- completions ---------------------------------------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        served = await self._admit(body.model)
+        prompt, cap = body.prompt, self.settings.max_prompts_per_request
+        num_prompts = 1 if isinstance(prompt, str) or isinstance(prompt[0], int) else len(prompt)
+        if num_prompts > cap:
+            raise too_many_prompts(cap, num_prompts)
+        served = await self._admit(body.model, num_prompts, body.n)
         tokenizer = served.tokenizer
         assert tokenizer is not None
-        prompts = [p if isinstance(p, list) else tokenizer.encode(p) for p in body.prompts()]
-        if any(not p for p in prompts):
-            raise APIError.invalid_request("prompt is empty", param="prompt")
-        vocab = served.info.vocab_size
-        if any(t >= vocab for p in prompts for t in p):
-            raise APIError.invalid_request(f"prompt has token ids outside the vocabulary [0, {vocab})", param="prompt")
+        prompts = await completion_prompts(tokenizer, body.prompts(), served.info.vocab_size)
         await self.grammar_check(served, body.structured_output())
         gen = self._generation(served, prompts, body)
         response_id = new_id("cmpl")
@@ -242,26 +254,28 @@ class Serving:
     # --- shared --------------------------------------------------------------------------------------------------
 
     async def _collect(self, gen: Generation, request: Request) -> None:
-        """Run to the end; a client that disconnects meanwhile aborts every choice."""
-        gen.start()
+        """Run to the end; a client that disconnects meanwhile (or a cancelled handler) aborts every choice."""
 
         async def consume() -> None:
             async for _ in gen.events():
                 pass
 
-        async with cancel_on_disconnect(request.receive) as disconnected:
-            work = asyncio.create_task(consume())
-            await asyncio.wait({work, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        gen.start()
+        work = asyncio.create_task(consume())
+        try:
+            async with cancel_on_disconnect(request.receive) as disconnected:
+                await asyncio.wait({work, disconnected}, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():
-                work.cancel()
-                gen.close()
                 raise APIError(499, "client closed the request", code="client_closed")
             work.result()
+        finally:
+            work.cancel()
+            gen.close()
 
     def _stream(
         self, gen: Generation, prelude: list[str], chunk: ChunkBuilder, usage: Callable[[], str] | None
     ) -> StreamingResponse:
-        gen.start()
+        """The generation starts when the response does, and ends with it however it ends (see GenerationStream)."""
 
         async def body() -> AsyncIterator[str]:
             try:
@@ -283,7 +297,7 @@ class Serving:
             yield SSE_DONE
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+        return GenerationStream(gen, body(), headers)
 
 
 def _finish(reason: str | None, tool_calls: bool = False) -> Any:

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int | None = Field(default=None, ge=16)
     prefill_chunk_ratio: float | None = Field(default=None, ge=0)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_prompts_per_request: int = Field(
+        default=128,
+        ge=1,
+        description="prompts one /v1/completions request may batch; past it: 400 (prompts x n must also fit the "
+        "model's max_num_seqs + max_waiting_requests)",
+    )
     body_read_timeout: float = Field(default=30.0, gt=0)  # seconds a client may take between body chunks
     request_timeout: float | None = Field(default=None, gt=0)  # seconds; a request's own `timeout` may lower it
     keepalive_seconds: float = Field(default=15.0, gt=0)

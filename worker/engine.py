@@ -152,6 +152,7 @@ class Engine:
             device=str(self.device),
             kv_blocks_total=self.block_manager.num_blocks,
             block_size=self.block_manager.block_size,
+            max_num_seqs=self.scheduler.max_num_seqs,
             tokenizer_dir=self.tokenizer_dir,
             native_kernels=native_kernels,
             native_kernels_reason=why_not,

@@ -193,6 +193,7 @@ class ModelInfo(msgspec.Struct, tag=True):
     device: str
     kv_blocks_total: int
     block_size: int
+    max_num_seqs: int  # running slots: with max_waiting_requests, what the API process admits at once
     tokenizer_dir: str  # where the API process reads tokenizer.json and the chat template
     native_kernels: bool | None = None  # the C kernels serve this CPU model (None: not on a CPU)
     native_kernels_reason: str = ""  # why they do not: the torch paths run, about half as fast

@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
+from starlette.requests import ClientDisconnect
 
 from app.dependencies import PoolDep, ServingDep
+from app.preparation import count_prompts, too_many_prompts
 from app.protocol import ChatCompletionRequest, CompletionRequest
 from app.protocol_responses import ModelCard, ModelList
 
+
+class PromptCapRoute(APIRoute):
+    """Refuses a completions batch over the prompt cap before its body is validated (see `count_prompts`)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def capped(request: Request) -> Response:
+            cap = request.app.state.settings.max_prompts_per_request
+            try:
+                count = count_prompts(await request.body(), cap)
+            except ClientDisconnect:
+                count = None  # the handler meets it too, and answers it as it always has
+            if count is not None and count > cap:
+                raise too_many_prompts(cap)
+            return await handler(request)
+
+        return capped
+
+
 router = APIRouter(prefix="/v1")
+batches = APIRouter(route_class=PromptCapRoute)  # included in `router` below
 
 
 @router.post("/chat/completions")
@@ -17,7 +44,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servin
     return await serving.chat(body, request)
 
 
-@router.post("/completions")
+@batches.post("/completions")
 async def completions(body: CompletionRequest, request: Request, serving: ServingDep) -> Response:
     return await serving.completions(body, request)
 
@@ -43,3 +70,6 @@ async def list_models(pool: PoolDep) -> dict[str, object]:
                 )
             )
     return ModelList(data=cards).to_dict()
+
+
+router.include_router(batches)

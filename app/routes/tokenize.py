@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 from fastapi import APIRouter
+from fastapi.responses import Response
 
 from app.dependencies import PoolDep
 from app.errors import APIError
 from app.model_pool import ModelPool, ServedModel
+from app.preparation import decode, encode
 from app.protocol import DetokenizeRequest, TokenizeRequest
 from app.protocol_responses import DetokenizeResponse, TokenizeResponse
 from app.tokenizer import ChatTemplateError, Tokenizer
@@ -22,8 +25,8 @@ async def _model(pool: ModelPool, name: str | None) -> tuple[ServedModel, Tokeni
     return served, served.tokenizer
 
 
-@router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, pool: PoolDep) -> dict[str, object]:
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, pool: PoolDep) -> Response:
     served, tokenizer = await _model(pool, body.model)
     if body.messages is not None:
         messages = [m.to_template() for m in body.messages]
@@ -33,8 +36,11 @@ async def tokenize(body: TokenizeRequest, pool: PoolDep) -> dict[str, object]:
             raise APIError.invalid_request(str(exc), param="messages") from exc
     else:
         text = body.prompt or ""
-    tokens = tokenizer.encode(text, add_special_tokens=body.special_tokens)
-    return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=served.info.max_model_len).to_dict()
+    tokens = await encode(tokenizer, text, add_special_tokens=body.special_tokens)
+    out = TokenizeResponse.model_construct(tokens=tokens, count=len(tokens), max_model_len=served.info.max_model_len)
+    # A 4 MiB text is over a million ids: validating them again, then FastAPI's encoder, would hold the event loop for
+    # seconds. They are the tokenizer's own ints, encoded as they are.
+    return Response(msgspec.json.encode(dict(out)), media_type="application/json")
 
 
 @router.post("/detokenize")
@@ -44,4 +50,4 @@ async def detokenize(body: DetokenizeRequest, pool: PoolDep) -> dict[str, object
     bad = [t for t in body.tokens if t >= vocab]
     if bad:
         raise APIError.invalid_request(f"token ids outside the vocabulary [0, {vocab}): {bad[:5]}", param="tokens")
-    return DetokenizeResponse(prompt=tokenizer.decode(body.tokens, skip_special_tokens=False)).to_dict()
+    return DetokenizeResponse(prompt=await decode(tokenizer, body.tokens)).to_dict()
