@@ -67,7 +67,7 @@ class Generation:
         stop: list[str],
         metrics: Metrics,
         timeout: float | None,
-        keepalive: float,
+        keepalive: float | None,
     ) -> None:
         assert served.tokenizer is not None
         _check_vocabulary(params, served.info.vocab_size)
@@ -145,14 +145,16 @@ class Generation:
             while remaining:
                 wait = self.keepalive
                 if self.deadline is not None:
-                    wait = min(wait, self.deadline - time.monotonic())
+                    left = self.deadline - time.monotonic()
+                    wait = left if wait is None else min(wait, left)
                     if wait <= 0:
                         self.abort("timeout")
                         raise APIError(408, "the request timed out", type="timeout_error", code="timeout")
                 try:
                     choice, item = await asyncio.wait_for(self._queue.get(), wait)
-                except TimeoutError:
-                    yield KEEPALIVE
+                except TimeoutError:  # a keep-alive tick, or the deadline (caught above next time round)
+                    if self.keepalive is not None:
+                        yield KEEPALIVE
                     continue
                 if choice.finish_reason is not None:
                     continue  # ended by a stop string; what was still in flight does not count

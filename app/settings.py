@@ -50,7 +50,12 @@ class Settings(BaseSettings):
     )
     body_read_timeout: float = Field(default=30.0, gt=0)  # seconds a client may take between body chunks
     request_timeout: float | None = Field(default=None, gt=0)  # seconds; a request's own `timeout` may lower it
-    keepalive_seconds: float = Field(default=15.0, gt=0)
+    keepalive_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="send an SSE comment on a stream silent this long (off by default: OpenAI sends none, and some "
+        "clients' parsers fail on them; set it where a proxy cuts idle streams before a long prompt's first token)",
+    )
     worker_start_timeout: float = Field(default=600.0, gt=0)
     # no progress (a step, or a heartbeat showing the worker computing) for this long with work pending: restart
     watchdog_seconds: float = Field(default=15.0, gt=0)
