@@ -41,11 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-num-seqs", type=int, help="running sequences per engine step")
     serve.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step")
-    serve.add_argument(
-        "--prefill-chunk-ratio",
-        type=float,
-        help="while requests decode, a step's prompt tokens may cost this many decode-only steps (default: 2; 0: off)",
-    )
     serve.add_argument("--max-body-bytes", type=int, help="largest request body (default: 4 MiB); past it: 413")
     serve.add_argument("--body-read-timeout", type=float, help="seconds between body chunks (default: 30); 408")
     serve.add_argument("--request-timeout", type=float, help="seconds before a request is aborted (default: none)")

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.registry import DEFAULT_REGISTRY, Registry, load_registry, parse_size
+from worker.registry import DEFAULT_REGISTRY, ModelEntry, Registry, load_registry, parse_size
 
 ENGINE_OVERRIDES = (
     "max_waiting_requests",
@@ -40,7 +40,13 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     max_num_seqs: int | None = Field(default=None, ge=1)
     max_num_batched_tokens: int | None = Field(default=None, ge=16)
-    prefill_chunk_ratio: float | None = Field(default=None, ge=0)
+    prefill_chunk_ratio: float | None = Field(
+        default=None,
+        ge=0,
+        description="while requests decode, a step's prompt tokens may cost this many decode-only steps, so streams "
+        f"keep flowing during a long prefill (default: {ModelEntry.model_fields['prefill_chunk_ratio'].default:g}, "
+        "from the registry; 0: prompts fill the token budget)",
+    )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_prompts_per_request: int = Field(
         default=128,

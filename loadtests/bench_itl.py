@@ -56,7 +56,9 @@ class Streams:
         prompt = f"Client {index}: write a very long story about a lighthouse keeper."
         while True:
             body = {"model": self.model, "prompt": prompt, "max_tokens": self.max_tokens, "stream": True}
-            body |= {"temperature": 0.0, "ignore_eos": True}
+            # logprobs: a chunk for every token, also one whose text the detokenizer holds back (random weights
+            # write broken UTF-8), so each gap is one step's
+            body |= {"temperature": 0.0, "ignore_eos": True, "logprobs": 0}
             last: float | None = None
             async with self.session.post("/v1/completions", json=body) as response:
                 if response.status != 200:
@@ -66,7 +68,7 @@ class Streams:
                 async for raw in response.content:
                     if not raw.startswith(b"data: {"):
                         continue
-                    if not json.loads(raw[6:])["choices"][0]["text"]:
+                    if not (json.loads(raw[6:])["choices"][0].get("logprobs") or {}).get("tokens"):
                         continue
                     now = time.perf_counter()
                     if last is not None:
@@ -106,7 +108,7 @@ async def measure(url: str, args: argparse.Namespace) -> list[Level]:
                 await asyncio.sleep(args.window)
                 baseline = streams.between(quiet_start, time.perf_counter())
                 sent = time.perf_counter()
-                seconds = await long_prompt(session, args.model, tokens, seed=index)
+                seconds = await long_prompt(session, args.model, tokens, seed=args.seed + index)
                 during = streams.between(sent, sent + seconds)
                 if not baseline or not during:
                     raise RuntimeError(f"no stream tokens measured (errors: {streams.errors[:3]})")
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of decoding before the first window")
     parser.add_argument("--window", type=float, default=5.0, help="seconds of the quiet baseline before each prompt")
+    parser.add_argument("--seed", type=int, default=0, help="of the long prompts' ids: another one misses the cache")
     parser.add_argument("--out", default=None, help="also write the levels as JSON here")
     parser.add_argument("serve_flags", nargs="*", help="after --: flags for tokenmill serve")
     args = parser.parse_args(argv)

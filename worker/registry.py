@@ -101,7 +101,7 @@ class ModelEntry(BaseModel):
     max_num_batched_tokens: int = Field(default=2048, ge=16)
     # While requests decode, a step's prompt tokens may cost at most this many decode-only steps (measured), so a
     # stream's inter-token gap stays within about 1 + this times its usual; 0: prompts always fill the token budget
-    prefill_chunk_ratio: float = Field(default=2.0, ge=0)
+    prefill_chunk_ratio: float = Field(default=1.5, ge=0)
     max_waiting_requests: int = Field(default=256, ge=0)
     enable_prefix_caching: bool = True
     threads: int | None = Field(default=None, ge=1)
