@@ -164,5 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Leave without the interpreter's finalization. Daemon threads (the socket reader, the heartbeat, the grammar
+    compiler) can be inside native code then, and C++'s runtime aborts the process when finalization unwinds such a
+    thread (seen: 'terminate called without an active exception', exit -6, after a clean shutdown). Nothing is
+    left to tidy once `main` returns: the socket is closed, the caches are memory; the logs are flushed here."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
