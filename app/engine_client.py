@@ -43,7 +43,6 @@ class RequestStream:
 
     request_id: str
     queue: asyncio.Queue[RequestOutput | Exception] = field(default_factory=asyncio.Queue)
-    started: bool = False  # the first output has arrived (it is no longer waiting)
 
     async def next(self) -> RequestOutput:
         item = await self.queue.get()
@@ -132,10 +131,6 @@ class EngineClient:
         """Engine requests this model takes at once: one per running slot (max_num_seqs) plus its waiting queue."""
         return (self.info.max_num_seqs if self.info is not None else 0) + self.max_waiting_requests
 
-    def num_waiting(self) -> int:
-        """Engine requests accepted here that have not produced a token yet: queued in the worker or on their way."""
-        return sum(self._admitting.values()) + sum(1 for stream in self.streams.values() if not stream.started)
-
     def num_in_flight(self) -> int:
         """Engine requests accepted here and not finished: reserved by API requests still preparing, or streams."""
         return sum(self._admitting.values()) + len(self.streams)
@@ -220,7 +215,6 @@ class EngineClient:
             stream = self.streams.get(out.request_id)
             if stream is None:
                 continue  # aborted here already
-            stream.started = True
             if out.finish_reason is not None:
                 del self.streams[out.request_id]
             stream.queue.put_nowait(out)

@@ -109,16 +109,7 @@ def _loop(
                 try:
                     engine.add_request(message.request_id, message.prompt_token_ids, message.params)
                 except InvalidRequest as exc:
-                    rejected.append(
-                        RequestOutput(
-                            message.request_id,
-                            [],
-                            "error",
-                            error=str(exc),
-                            error_code="invalid_request",
-                            error_param=exc.param,
-                        )
-                    )
+                    rejected.append(RequestOutput.refused(message.request_id, exc))
             elif isinstance(message, AbortRequest):
                 engine.abort(message.request_ids)
         if engine.has_work():

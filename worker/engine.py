@@ -293,11 +293,7 @@ class Engine:
                 del self.requests[request_id]
                 seq.finish_reason = "error"
                 self._release(request_id)
-                failed.append(
-                    RequestOutput(
-                        request_id, [], "error", error=str(error), error_code="invalid_request", error_param=error.param
-                    )
-                )
+                failed.append(RequestOutput.refused(request_id, error))
         return failed
 
     def _allowed(self, rows: list[SampleInput], masks: dict[str, torch.Tensor]) -> list[torch.Tensor | None]:

@@ -159,6 +159,11 @@ class RequestOutput(msgspec.Struct, omit_defaults=True):
     error_code: str | None = None  # "invalid_request" (with error_param), "model_error" or "out_of_memory"
     error_param: str | None = None
 
+    @classmethod
+    def refused(cls, request_id: str, exc: InvalidRequest) -> RequestOutput:
+        """The end of a request refused for one of its parameters, named for the API's 400."""
+        return cls(request_id, [], "error", error=str(exc), error_code="invalid_request", error_param=exc.param)
+
 
 class EngineStats(msgspec.Struct):
     num_running: int = 0
