@@ -1,8 +1,7 @@
 """Request preparation off the event loop: chat templates and tokenizing run in a worker thread, so a large body
 never stalls the loop that serves every other request.
 
-Tokenizing goes through the tokenizer's batch call, which releases the GIL while it works; its single-text `encode`
-holds the GIL for the whole text (seconds for a 4 MiB prompt), which would stall the loop from any thread.
+Tokenizing goes through the tokenizer's batch call, which releases the GIL while it works (`Tokenizer.encode_batch`).
 """
 
 from __future__ import annotations
@@ -18,15 +17,8 @@ from app.errors import APIError
 from app.tokenizer import Tokenizer
 
 
-def encode_batch(tokenizer: Tokenizer, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-    """Blocking: call it from a worker thread."""
-    if not texts:
-        return []
-    return [list(e.ids) for e in tokenizer.fast.encode_batch(texts, add_special_tokens=add_special_tokens)]
-
-
 async def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
-    return (await asyncio.to_thread(encode_batch, tokenizer, [text], add_special_tokens))[0]
+    return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens)
 
 
 async def decode(tokenizer: Tokenizer, token_ids: list[int]) -> str:
@@ -38,12 +30,7 @@ async def decode(tokenizer: Tokenizer, token_ids: list[int]) -> str:
 async def chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, Any]], **extra: Any) -> list[int]:
     """The conversation through the model's chat template, with the generation prompt, as token ids (the template
     writes the special tokens itself). Raises `ChatTemplateError`."""
-
-    def render_and_encode() -> list[int]:
-        text = tokenizer.render_chat(messages, True, **extra)
-        return encode_batch(tokenizer, [text], add_special_tokens=False)[0]
-
-    return await asyncio.to_thread(render_and_encode)
+    return await asyncio.to_thread(tokenizer.apply_chat_template, messages, True, **extra)
 
 
 async def completion_prompts(tokenizer: Tokenizer, prompts: list[str | list[int]], vocab: int) -> list[list[int]]:
@@ -51,7 +38,7 @@ async def completion_prompts(tokenizer: Tokenizer, prompts: list[str | list[int]
     Raises `APIError` (400, param 'prompt') for an empty prompt or an id outside the vocabulary."""
 
     def prepare() -> list[list[int]]:
-        encoded = iter(encode_batch(tokenizer, [p for p in prompts if isinstance(p, str)]))
+        encoded = iter(tokenizer.encode_batch([p for p in prompts if isinstance(p, str)]))
         ids = [next(encoded) if isinstance(p, str) else p for p in prompts]
         if any(not p for p in ids):
             raise APIError.invalid_request("prompt is empty", param="prompt")

@@ -85,7 +85,14 @@ class Tokenizer:
         return int(self.fast.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.fast.encode(text, add_special_tokens=add_special_tokens).ids)
+        return self.encode_batch([text], add_special_tokens)[0]
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Through the tokenizer's batch call, which releases the GIL while it works: its single-text `encode` holds
+        the GIL for the whole text (seconds for a 4 MiB prompt), stalling the event loop even from another thread."""
+        if not texts:
+            return []
+        return [list(e.ids) for e in self.fast.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(
         self, token_ids: list[int], skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool = False
