@@ -2,8 +2,12 @@
 distribution (about 10 minutes on 2 cores), serving the shipped Q4_1 GGUF and an fp32 GGUF written from tokenmill's
 converted weights (like for like). Continuous batching over 32 slots.
 
+A model directory (safetensors and tokenizer, e.g. `loadtests.dummy_models`') is served as BF16 and Q8_0 GGUF files
+that llama.cpp's own converter writes next to it (DIR.bf16.gguf, DIR.q8_0.gguf; once).
+
     python -m loadtests.peers.llama_cpp install
     python -m loadtests.peers.llama_cpp serve [--port 8401] [--config llama.cpp-f32]
+    python -m loadtests.peers.llama_cpp serve --model-dir DIR [--config llama.cpp-q8_0]
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import shutil
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 from loadtests.peers import begin_install, cache_dir, converted_model, default_gguf, is_installed, mark_installed, step
@@ -19,6 +24,11 @@ from loadtests.peers.server import Peer, Server, serving
 
 NAME = "llama.cpp"
 NO_AMX = "no_amx.txt"
+GGUF_TYPES = ("bf16", "q8_0")  # the converter's --outtype for a model directory's servers
+SLOTS = 32
+# A model directory's KV cache, in tokens, shared by all slots (unified), so one slot may take a long prompt: room
+# for 32 streams of 384 tokens, 8 of 2,064 and one prompt of 6,000
+DIRECTORY_CONTEXT = 20480
 
 
 def home(cache: Path) -> Path:
@@ -33,11 +43,17 @@ def f32_gguf(cache: Path) -> Path:
     return home(cache) / "models" / f"{default_gguf().stem.split('.')[0]}.f32.gguf"
 
 
+def find_sources(directory: Path) -> Path | None:
+    """The vendored llama.cpp tree unpacked under `directory` (the peer's home), if there is one."""
+    found = sorted(directory.glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    return found[-1].parent if found else None
+
+
 def sources(directory: Path, log: Path) -> Path:
     """The vendored llama.cpp tree of the newest `llama-cpp-python` sdist, downloaded and unpacked once."""
-    found = sorted(directory.glob("llama_cpp_python-*/vendor/llama.cpp/CMakeLists.txt"))
-    if found:
-        return found[-1].parent
+    found = find_sources(directory)
+    if found is not None:
+        return found
     sdist = directory / "sdist"
     archives = sorted(sdist.glob("llama_cpp_python-*.tar.gz"))
     if not archives:
@@ -118,7 +134,59 @@ def servers(cache: Path, port: int) -> list[Server]:
     ]
 
 
-PEER = Peer(NAME, install, installed, servers)
+def gguf_file(directory: Path, outtype: str) -> Path:
+    """Where the `outtype` GGUF of a model directory is kept: next to it."""
+    return directory.parent / f"{directory.name}.{outtype}.gguf"
+
+
+def convert(directory: Path, src: Path, outtypes: tuple[str, ...] = GGUF_TYPES) -> list[Path]:
+    """GGUF files of `directory` written by the converter of the llama.cpp tree `src`, one per `outtype`; a file
+    already there is kept. The converter runs on this interpreter (it reads the safetensors with torch) with its own
+    gguf-py, at the lowest CPU priority."""
+    written = []
+    for outtype in outtypes:
+        target = gguf_file(directory, outtype)
+        if not target.is_file():
+            partial = target.with_suffix(".partial")
+            command = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(directory), "--outtype", outtype]
+            step([*command, "--outfile", str(partial)], directory.parent / f"{directory.name}.convert.log")
+            partial.rename(target)
+        written.append(target)
+    return written
+
+
+def directory_servers(cache: Path, port: int, directory: Path, context: int = DIRECTORY_CONTEXT) -> list[Server]:
+    """llama-server on each GGUF of `directory` (converted when first served), named after the directory, with
+    `context` tokens of KV cache that every slot may use (`--kv-unified`)."""
+    threads = str(len(os.sched_getaffinity(0)))
+    common = ["--host", "127.0.0.1", "--port", str(port), "-t", threads, "-tb", threads, "-np", str(SLOTS), "-cb"]
+    common += ["-c", str(context), "--kv-unified", "--alias", directory.name]
+    if (home(cache) / NO_AMX).is_file():
+        common.append("--no-repack")
+
+    def converter(outtype: str) -> Callable[[], None]:
+        def run() -> None:
+            src = find_sources(home(cache))
+            if src is None:
+                raise RuntimeError(f"no llama.cpp sources in {home(cache)}; install the llama.cpp peer")
+            convert(directory, src, (outtype,))
+
+        return run
+
+    return [
+        Server(
+            name=f"{NAME}-{outtype}",
+            weights=f"{outtype.upper()} GGUF written by llama.cpp's converter",
+            command=[str(server_binary(cache)), "-m", str(gguf_file(directory, outtype)), *common],
+            port=port,
+            model=directory.name,
+            prepare=converter(outtype),
+        )
+        for outtype in GGUF_TYPES
+    ]
+
+
+PEER = Peer(NAME, install, installed, servers, directory_servers)
 
 if __name__ == "__main__":
     sys.exit(PEER.main(cache_dir()))

