@@ -6,6 +6,7 @@ baseline, and the long prompt's time to its answer.
     python -m loadtests.bench_itl [--streams 8] [--prompt-tokens 1024 4096] [--window 5] [--url URL | -- SERVE FLAGS]
 
 Without --url it starts `tokenmill serve` on the default registry (flags after `--` go to it) and stops it after.
+Any server with /v1/completions, ignore_eos and token-id prompts can be measured (`measure`: vLLM, llama-server).
 """
 
 from __future__ import annotations
@@ -26,6 +27,25 @@ from loadtests.bench_server import tokenmill
 from loadtests.load import percentile
 
 
+@dataclass(frozen=True)
+class Settings:
+    model: str = "smollm2"
+    streams: int = 8
+    stream_tokens: int = 300  # each stream's max_tokens before it restarts
+    prompt_tokens: tuple[int, ...] = (1024, 4096)
+    warmup: float = 3.0  # seconds of decoding before the first window
+    window: float = 5.0  # seconds of the quiet baseline before each prompt
+    seed: int = 0  # of the long prompts' ids: another one misses the cache
+
+
+def token_arrived(chunk: dict[str, Any]) -> bool:
+    """Whether a streamed completion chunk carries a token: text, or its logprobs (the text of a token the
+    detokenizer holds back is empty; servers that send logprobs still send its chunk, llama-server sends none)."""
+    choices = chunk.get("choices") or [{}]
+    logprobs = choices[0].get("logprobs") or {}
+    return bool(choices[0].get("text") or logprobs.get("tokens") or logprobs.get("content"))
+
+
 @dataclass
 class Level:
     prompt_tokens: int
@@ -37,6 +57,7 @@ class Level:
     during_p99_ms: float
     during_max_ms: float
     long_prompt_s: float
+    stream_errors: int = 0  # the streams' refused requests until the long prompt was answered
 
     @property
     def p99_ratio(self) -> float:
@@ -66,9 +87,7 @@ class Streams:
                     await asyncio.sleep(0.5)
                     continue
                 async for raw in response.content:
-                    if not raw.startswith(b"data: {"):
-                        continue
-                    if not (json.loads(raw[6:])["choices"][0].get("logprobs") or {}).get("tokens"):
+                    if not raw.startswith(b"data: {") or not token_arrived(json.loads(raw[6:])):
                         continue
                     now = time.perf_counter()
                     if last is not None:
@@ -96,19 +115,20 @@ async def long_prompt(session: aiohttp.ClientSession, model: str, tokens: int, s
     return time.perf_counter() - start
 
 
-async def measure(url: str, args: argparse.Namespace) -> list[Level]:
+async def measure(url: str, settings: Settings) -> list[Level]:
+    """The server at `url` measured at each of `settings.prompt_tokens`, a line printed for each."""
     timeout = aiohttp.ClientTimeout(total=None, sock_read=300)
     async with aiohttp.ClientSession(url, timeout=timeout) as session:
-        streams = Streams(session, args.model, args.streams, args.stream_tokens)
-        await asyncio.sleep(args.warmup)
+        streams = Streams(session, settings.model, settings.streams, settings.stream_tokens)
+        await asyncio.sleep(settings.warmup)
         levels = []
         try:
-            for index, tokens in enumerate(args.prompt_tokens):
+            for index, tokens in enumerate(settings.prompt_tokens):
                 quiet_start = time.perf_counter()
-                await asyncio.sleep(args.window)
+                await asyncio.sleep(settings.window)
                 baseline = streams.between(quiet_start, time.perf_counter())
                 sent = time.perf_counter()
-                seconds = await long_prompt(session, args.model, tokens, seed=args.seed + index)
+                seconds = await long_prompt(session, settings.model, tokens, seed=settings.seed + index)
                 during = streams.between(sent, sent + seconds)
                 if not baseline or not during:
                     raise RuntimeError(f"no stream tokens measured (errors: {streams.errors[:3]})")
@@ -123,6 +143,7 @@ async def measure(url: str, args: argparse.Namespace) -> list[Level]:
                         1000 * percentile(during, 0.99),
                         1000 * max(during),
                         seconds,
+                        len(streams.errors),
                     )
                 )
                 print(line(levels[-1]), flush=True)
@@ -153,13 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="also write the levels as JSON here")
     parser.add_argument("serve_flags", nargs="*", help="after --: flags for tokenmill serve")
     args = parser.parse_args(argv)
+    settings = Settings(
+        args.model, args.streams, args.stream_tokens, tuple(args.prompt_tokens), args.warmup, args.window, args.seed
+    )
     print(f"{args.streams} streams; gaps between tokens, p50 / p99, quiet and while the prompt prefills")
     print("| prompt tokens | quiet | while it prefills | p99 ratio | its answer |\n|---|---|---|---|---|")
     if args.url:
-        levels = asyncio.run(measure(args.url, args))
+        levels = asyncio.run(measure(args.url, settings))
     else:
         with tokenmill(args.port, *args.serve_flags) as (url, _):
-            levels = asyncio.run(measure(url, args))
+            levels = asyncio.run(measure(url, settings))
     if args.out:
         Path(args.out).write_text(json.dumps([asdict(level) for level in levels], indent=2))
     return 0
