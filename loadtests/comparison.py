@@ -295,7 +295,7 @@ def _bench_target(measured: list[Measured], workload: str, metric: BenchMetric, 
     ours, theirs = bench_best(measured, workload, metric, TOKENMILL), bench_best(measured, workload, metric, VLLM)
     if ours is None:
         failed = ", ".join(f"{o.failed} of {o.completed + o.failed}" for o in runs[TOKENMILL])
-        return Target(text, False, f"every tokenmill configuration had failed requests ({failed})")
+        return Target(text, False, f"every tokenmill configuration had failed requests: {failed}")
     if theirs is None:
         return Target(text, None, "every vLLM configuration had failed requests")
     mine, vllm = metric.value(ours[1]), metric.value(theirs[1])

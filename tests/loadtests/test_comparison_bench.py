@@ -88,7 +88,7 @@ def test_the_throughput_target_is_not_met_just_under_its_factor_or_with_failed_r
     assert by_text(comparison.bench_targets(measured))[f"vllm bench {C32}"].met is False
     measured[0].vllm_bench[2] = row(C32, 1118, 441, 400.0, failed=1)  # twice vLLM's, but a request failed
     target = by_text(comparison.bench_targets(measured))[f"vllm bench {C32}"]
-    assert target.met is False and "failed requests (1 of 24)" in target.detail
+    assert target.met is False and "failed requests: 1 of 24" in target.detail
 
 
 def test_targets_without_tokenmill_or_vllm_rows_are_not_evaluated() -> None:
