@@ -163,16 +163,8 @@ def command(
     cmd += [*workload.dataset_args(), "--num-prompts", str(workload.prompts(per_client))]
     cmd += ["--max-concurrency", str(workload.concurrency), "--ignore-eos", "--seed", str(SEED)]
     cmd += ["--percentile-metrics", "ttft,itl", "--metric-percentiles", "50,99"]
-    # --save-detailed keeps every request's error (and its TTFT, ITLs and text) in the JSON
-    return [
-        *cmd,
-        "--save-result",
-        "--save-detailed",
-        "--result-dir",
-        str(result.parent),
-        "--result-filename",
-        result.name,
-    ]
+    cmd += ["--save-result", "--save-detailed"]  # detailed: every request's error (and TTFT, ITLs, text) kept
+    return [*cmd, "--result-dir", str(result.parent), "--result-filename", result.name]
 
 
 def run(
