@@ -1,7 +1,7 @@
 """Do streams keep flowing while a long prompt prefills? N streams decode on a live server; over a quiet window their
 inter-token gaps are the baseline; then one long prompt (random token ids, one output token) arrives and the gaps
-that end while it prefills are measured against that baseline. One line per prompt length, each with its own
-baseline, and the long prompt's time to its answer.
+that overlap its prefill (ending after it was sent, beginning before it was answered) are measured against that
+baseline. One line per prompt length, each with its own baseline, and the long prompt's time to its answer.
 
     python -m loadtests.bench_itl [--streams 8] [--prompt-tokens 1024 4096] [--window 5] [--url URL | -- SERVE FLAGS]
 
@@ -62,6 +62,12 @@ class Level:
     @property
     def p99_ratio(self) -> float:
         return self.during_p99_ms / self.baseline_p99_ms
+
+
+def overlapping(gaps: list[tuple[float, float]], start: float, end: float) -> list[float]:
+    """Of (arrival, gap) pairs, the gaps that end after `start` and begin before `end`: also those a prompt held up
+    until it was done (a server that prefills a whole prompt in one step sends the streams nothing meanwhile)."""
+    return [gap for arrival, gap in gaps if arrival >= start and arrival - gap <= end]
 
 
 class Streams:
@@ -129,9 +135,12 @@ async def measure(url: str, settings: Settings) -> list[Level]:
                 baseline = streams.between(quiet_start, time.perf_counter())
                 sent = time.perf_counter()
                 seconds = await long_prompt(session, settings.model, tokens, seed=settings.seed + index)
-                during = streams.between(sent, sent + seconds)
-                if not baseline or not during:
+                if not baseline:
                     raise RuntimeError(f"no stream tokens measured (errors: {streams.errors[:3]})")
+                await asyncio.sleep(max(0.5, 3 * percentile(baseline, 0.99)))  # the gaps it held up end
+                during = overlapping(streams.gaps, sent, sent + seconds)
+                if not during:
+                    raise RuntimeError(f"no stream tokens after the long prompt (errors: {streams.errors[:3]})")
                 levels.append(
                     Level(
                         tokens,

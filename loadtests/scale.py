@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
 
     directory = model_directory(args.models_dir, args.model)
     config = json.loads((directory / "config.json").read_text())
-    per_token, tokens = results.kv_bytes_per_token(config), results.kv_tokens(args.workloads)
+    # sized for every workload, also where fewer run: the same memory in every run of a model
+    per_token, tokens = results.kv_bytes_per_token(config), results.kv_tokens(results.WORKLOADS)
     parameters, weight_bytes = weight_facts(directory)
     run = ModelRun(args.model, parameters, weight_bytes, results.kv_gib(tokens, per_token) * GIB, tokens)
     tokenizer = AutoTokenizer.from_pretrained(directory)

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 from loadtests import dummy_models
 from loadtests import scale_results as results
-from loadtests.bench_itl import Level, token_arrived
+from loadtests.bench_itl import Level, overlapping, token_arrived
 from loadtests.peers import llama_cpp, vllm_cpu
 from loadtests.scale import exact_prompt, prompts, word_pool
 from loadtests.scale_results import ItlResult, ModelRun, ServerRun, WorkloadResult
@@ -208,3 +208,9 @@ def test_a_directory_is_served_by_vllm_under_its_name(tmp_path: Path) -> None:
 
 def test_itl_results_compare_during_and_quiet() -> None:
     assert math.isclose(_level(100.0, 250.0).p99_ratio, 2.5)
+
+
+def test_the_gaps_a_long_prompt_held_up_count_while_it_prefills() -> None:
+    # (arrival, gap): before it was sent; during; held up from 9.9 until after it was answered at 12; after it
+    gaps = [(9.5, 0.1), (10.5, 0.2), (12.2, 2.3), (13.0, 0.1)]
+    assert overlapping(gaps, 10.0, 12.0) == [0.2, 2.3]
