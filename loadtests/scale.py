@@ -147,8 +147,8 @@ def run_workloads(server: Server, sampler: RssSampler, run: ServerRun, args: arg
     """A warm-up request, then each workload and the inter-token latency run, each with its own peak RSS and
     preemptions."""
     warm = asyncio.run(closed_loop(server.url, server.model, [args.warmup_prompt], 1, 8, server.extra))[0][0]
-    if not warm.ok:
-        raise RuntimeError(f"the warm-up request failed: {warm.error}")
+    if not warm.ok or warm.tokens != 8:
+        raise RuntimeError(f"the warm-up request failed: {warm.error or f'{warm.tokens} of 8 tokens'}")
     for workload in args.workloads:
         before, sampler.peak = scrape_preemptions(server.url), 0
         w = workload

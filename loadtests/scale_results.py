@@ -441,7 +441,8 @@ def cost_figure(runs: list[ModelRun], path: Path) -> Path | None:
         ax.set_xlabel("parameters (billions)")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
