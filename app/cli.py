@@ -6,9 +6,11 @@ import argparse
 import logging
 import sys
 import types
-from typing import Any, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
-from app.settings import Settings
+from pydantic.fields import FieldInfo
+
+from app.settings import Flag, Settings
 from worker.generate import build_parser as build_generate_parser
 
 
@@ -18,37 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="serve the models of a registry over HTTP",
-        description="Start the API process and one worker process per model in the registry. Every flag can also "
-        "be set as an environment variable TOKENMILL_<FLAG> (e.g. TOKENMILL_API_KEY). SIGHUP, or POST /admin/reload "
-        "(with the admin key, else the API key; with neither, from this machine only), re-reads the registry "
-        "without a restart.",
+        description="Start the API process and one worker process per model in the registry. Every flag but the Ray "
+        f"Serve ones can also be set as an environment variable {env_var('')}<FLAG> (e.g. {env_var('api_key')}); a "
+        "flag given overrides it. SIGHUP, or POST /admin/reload (with the admin key, else the API key; with neither, "
+        "from this machine only), re-reads the registry without a restart.",
     )
-    serve.add_argument("--models", help="the models.yaml registry (default: the bundled one, SmolLM2)")
-    serve.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default: 8000)")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API and /metrics")
-    serve.add_argument("--api-key-file", help="a file of accepted keys, one per line (with or without --api-key)")
-    serve.add_argument("--metrics-open", action="store_true", default=None, help="serve /metrics without the key")
-    serve.add_argument("--max-waiting-requests", type=int, help="bounded waiting queue per model; past it: 429")
-    serve.add_argument(
-        "--threads",
-        type=int,
-        help="torch threads per worker (default: every usable core, fewer while other processes keep cores busy)",
-    )
-    serve.add_argument("--kv-cache-memory", help="KV cache per model, bytes or '512MiB' (default: per registry)")
-    serve.add_argument(
-        "--gpu-memory-utilization", type=float, help="CUDA: share of the device's memory a model may use (0.9)"
-    )
-    serve.add_argument("--max-num-seqs", type=int, help="running sequences per engine step")
-    serve.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step")
-    serve.add_argument("--max-body-bytes", type=int, help="largest request body (default: 4 MiB); past it: 413")
-    serve.add_argument("--body-read-timeout", type=float, help="seconds between body chunks (default: 30); 408")
-    serve.add_argument("--request-timeout", type=float, help="seconds before a request is aborted (default: none)")
-    serve.add_argument("--watchdog-seconds", type=float, help="restart a stuck worker after this (default: 15)")
-    serve.add_argument("--max-worker-restarts", type=int, help="restarts per model in 5 minutes (default: 3)")
-    serve.add_argument("--drain-timeout", type=float, help="on SIGTERM, seconds for in-flight requests (default: 30)")
-    serve.add_argument("--cache-dir", help="where converted weights are cached (default: ~/.cache/tokenmill)")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(default: info)")
     add_setting_flags(serve)
     ray = serve.add_argument_group("Ray Serve", "run replicas of this server as a Ray Serve application")
     ray.add_argument("--ray", action="store_true", help="deploy on Ray Serve (pip install 'tokenmill[ray]')")
@@ -66,24 +42,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_name(setting: str) -> str:
+    """The `serve` flag of a setting."""
+    return "--" + setting.replace("_", "-")
+
+
+def env_var(setting: str) -> str:
+    """The environment variable of a setting (pydantic-settings reads it, case-insensitively)."""
+    return Settings.model_config.get("env_prefix", "") + setting.upper()
+
+
+def shown_default(field: FieldInfo) -> str:
+    """A setting's default as its flag's help shows it; an unset (None) one says what unset means."""
+    default = field.get_default(call_default_factory=True)
+    if default is None:
+        return next((item.unset for item in field.metadata if isinstance(item, Flag)), Flag().unset)
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return format(default, "g") if isinstance(default, float) else str(default)
+
+
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    """A flag for every setting that documents itself (a `description` in app.settings) and has none above: its
-    help, type and default come from the settings model."""
-    taken = {option for action in parser._actions for option in action.option_strings}
+    """A flag for every setting in app.settings, made from its field: the flag's name, type (choices for a Literal),
+    help (the description) and the default the help shows. A flag not given is None, so that the setting falls back
+    to its environment variable, then to its default."""
     for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        if field.description is None or flag in taken:
-            continue
+        if field.description is None:
+            raise TypeError(f"the setting {name} has no description for its flag's help")
+        flag = next((item for item in field.metadata if isinstance(item, Flag)), Flag())
         kinds = [kind for kind in get_args(field.annotation) if kind is not type(None)]
         is_union = get_origin(field.annotation) in (Union, types.UnionType)
         kind = kinds[0] if is_union and len(kinds) == 1 else field.annotation
-        default = f" (default: {field.default:g})" if isinstance(field.default, float) else ""
-        default = default or (f" (default: {field.default})" if field.default not in (None, False) else "")
-        if kind is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=field.description + default)
+        help_text = f"{field.description} (default: {shown_default(field)})".replace("%", "%%")
+        options: dict[str, Any] = {"default": None, "help": help_text}
+        if kind is bool and flag.parse is None:
+            parser.add_argument(flag_name(name), action="store_true", **options)
+            continue
+        if get_origin(kind) is Literal:
+            options["choices"] = list(get_args(kind))
         else:
-            value_type = kind if kind in (int, float) else str
-            parser.add_argument(flag, type=value_type, metavar=name.upper(), help=field.description + default)
+            options["metavar"] = flag.metavar or name.upper()
+        value_type = flag.parse or (kind if kind in (int, float) else str)
+        parser.add_argument(flag_name(name), type=value_type, **options)
+
+
+def setting_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags; the others are left to the environment and the defaults."""
+    return {name: value for name, value in vars(args).items() if name in Settings.model_fields and value is not None}
 
 
 def warn_if_exposed(settings: Settings) -> None:
@@ -92,12 +97,15 @@ def warn_if_exposed(settings: Settings) -> None:
 
     if binds_loopback_only(settings.host) or settings.api_keys():
         return
-    admin = "with --admin-key" if settings.admin_key else "only from this machine (no --admin-key)"
+    admin_key = flag_name("admin_key")
+    admin = f"with {admin_key}" if settings.admin_key else f"only from this machine (no {admin_key})"
     logging.getLogger("tokenmill").warning(
-        "listening on %s without an API key: anyone who can reach port %d can use the API; set --api-key "
-        "(TOKENMILL_API_KEY) to require one. /admin/* answers %s.",
+        "listening on %s without an API key: anyone who can reach port %d can use the API; set %s (%s) to require "
+        "one. /admin/* answers %s.",
         settings.host,
         settings.port,
+        flag_name("api_key"),
+        env_var("api_key"),
         admin,
     )
 
@@ -112,11 +120,7 @@ def serve(args: argparse.Namespace) -> int:
     from app.server import DrainingServer
     from worker.registry import RegistryError
 
-    given: dict[str, Any] = {
-        name: value
-        for name, value in vars(args).items()
-        if name not in ("command",) and value is not None and name in Settings.model_fields
-    }
+    given = setting_values(args)
     if args.ray:
         from app.ray_serve import run as run_on_ray
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 
@@ -109,16 +109,22 @@ class TokenmillReplica:
 
 
 def server_args(args: argparse.Namespace, given: dict[str, Any]) -> list[str]:
-    """The `tokenmill serve` flags each replica's server gets: what was given, less host, port and the Ray flags."""
+    """The `tokenmill serve` flags each replica's server gets: what was given, less host, port and the Ray flags.
+    Paths are made absolute: a replica's working directory is not this one's."""
+    from app.cli import flag_name
+    from app.settings import Settings
+
+    fields = Settings.model_fields
+    paths = {name for name, field in fields.items() if Path in (field.annotation, *get_args(field.annotation))}
     out: list[str] = []
     for name, value in given.items():
         if name in ("host", "port"):
             continue
-        flag = "--" + name.replace("_", "-")
+        flag = flag_name(name)
         if isinstance(value, bool):
             out += [flag] if value else []
         else:
-            out += [flag, str(Path(value).resolve()) if name in ("models", "api_key_file", "cache_dir") else str(value)]
+            out += [flag, str(Path(value).resolve()) if name in paths else str(value)]
     return out
 
 

@@ -5,8 +5,10 @@ Engine knobs given here override the same fields of every entry in models.yaml.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,53 +26,107 @@ ENGINE_OVERRIDES = (
 )
 
 
+@dataclass(frozen=True)
+class Flag:
+    """What a setting's `serve` flag (app.cli) needs beyond its field: what leaving the setting unset (None) means,
+    shown as the flag's default; a parser for the flag's text other than the field's type; a metavar."""
+
+    unset: str = "none"
+    parse: Callable[[str], Any] | None = None
+    metavar: str | None = None
+
+
+def _registry_flag(name: str, otherwise: str = "", **flag: Any) -> Flag:
+    """An engine knob: unset, each model keeps its own from the registry, whose default is shown."""
+    default = ModelEntry.model_fields[name].default
+    return Flag(unset=f"each model's own in the registry, else {otherwise or format(default, 'g')}", **flag)
+
+
 class Settings(BaseSettings):
+    """Every field is a `tokenmill serve` flag (--name-with-dashes) and an environment variable (TOKENMILL_NAME);
+    its description is the flag's help, and its default the help's default."""
+
     model_config = SettingsConfigDict(env_prefix="TOKENMILL_", extra="forbid")
 
-    models: Path = DEFAULT_REGISTRY
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    api_key: str | None = None
-    api_key_file: Path | None = None  # one key per line ('#' comments); any of them, or api_key, is accepted
-    metrics_open: bool = False  # serve /metrics without the API key
-    cache_dir: Path | None = None
-    max_waiting_requests: int | None = Field(default=None, ge=0)
-    threads: int | None = Field(default=None, ge=1)
-    kv_cache_memory: int | None = Field(default=None, gt=0)
-    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
-    max_num_seqs: int | None = Field(default=None, ge=1)
-    max_num_batched_tokens: int | None = Field(default=None, ge=16)
-    prefill_chunk_ratio: float | None = Field(
+    models: Path = Field(
+        default=DEFAULT_REGISTRY, description="the models.yaml registry; the bundled one serves SmolLM2"
+    )
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
+    api_key: str | None = Field(default=None, description="require 'Authorization: Bearer KEY' on the API and /metrics")
+    api_key_file: Path | None = Field(
+        default=None,
+        description="a file of accepted keys, one per line ('#' comments); any of them, or --api-key, is accepted",
+    )
+    metrics_open: bool = Field(default=False, description="serve /metrics without the API key")
+    cache_dir: Annotated[Path | None, Flag(unset="~/.cache/tokenmill")] = Field(
+        default=None, description="where converted weights are cached"
+    )
+    max_waiting_requests: Annotated[int | None, _registry_flag("max_waiting_requests")] = Field(
+        default=None, ge=0, description="bounded waiting queue per model; past it: 429"
+    )
+    threads: Annotated[
+        int | None, _registry_flag("threads", "every usable core, fewer while other processes keep cores busy")
+    ] = Field(default=None, ge=1, description="torch threads per worker")
+    kv_cache_memory: Annotated[
+        int | None,
+        _registry_flag(
+            "kv_cache_memory", "sized from the memory left once the weights are loaded", parse=str, metavar="SIZE"
+        ),
+    ] = Field(default=None, gt=0, description="KV cache per model, bytes or '512MiB'")
+    gpu_memory_utilization: Annotated[float | None, _registry_flag("gpu_memory_utilization")] = Field(
+        default=None, gt=0, le=1, description="CUDA: share of the device's memory a model may use"
+    )
+    max_num_seqs: Annotated[int | None, _registry_flag("max_num_seqs")] = Field(
+        default=None, ge=1, description="running sequences per engine step"
+    )
+    max_num_batched_tokens: Annotated[int | None, _registry_flag("max_num_batched_tokens")] = Field(
+        default=None, ge=16, description="tokens per engine step"
+    )
+    prefill_chunk_ratio: Annotated[float | None, _registry_flag("prefill_chunk_ratio")] = Field(
         default=None,
         ge=0,
         description="while requests decode, a step's prompt tokens may cost this many decode-only steps, so streams "
-        f"keep flowing during a long prefill (default: {ModelEntry.model_fields['prefill_chunk_ratio'].default:g}, "
-        "from the registry; 0: prompts fill the token budget)",
+        "keep flowing during a long prefill; 0: prompts fill the token budget",
     )
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="largest request body, in bytes; past it: 413"
+    )
     max_prompts_per_request: int = Field(
         default=128,
         ge=1,
         description="prompts one /v1/completions request may batch; past it: 400 (prompts x n must also fit the "
         "model's max_num_seqs + max_waiting_requests)",
     )
-    body_read_timeout: float = Field(default=30.0, gt=0)  # seconds a client may take between body chunks
-    request_timeout: float | None = Field(default=None, gt=0)  # seconds; a request's own `timeout` may lower it
-    keepalive_seconds: float | None = Field(
+    body_read_timeout: float = Field(
+        default=30.0, gt=0, description="seconds a client may take between body chunks; then 408"
+    )
+    request_timeout: float | None = Field(
+        default=None, gt=0, description="seconds before a request is aborted; a request's own `timeout` may lower it"
+    )
+    keepalive_seconds: Annotated[float | None, Flag(unset="off")] = Field(
         default=None,
         gt=0,
-        description="send an SSE comment on a stream silent this long (off by default: OpenAI sends none, and some "
-        "clients' parsers fail on them; set it where a proxy cuts idle streams before a long prompt's first token)",
+        description="send an SSE comment on a stream silent this long, where a proxy cuts idle streams before a long "
+        "prompt's first token (OpenAI sends none, and some clients' parsers fail on them)",
     )
-    worker_start_timeout: float = Field(default=600.0, gt=0)
-    # no progress (a step, or a heartbeat showing the worker computing) for this long with work pending: restart
-    watchdog_seconds: float = Field(default=15.0, gt=0)
-    max_worker_restarts: int = Field(default=3, ge=0)  # per model within 5 minutes, then the model is failed
-    drain_timeout: float = Field(default=30.0, ge=0)  # on SIGTERM, how long in-flight requests may take
-    admin_key: str | None = Field(
+    worker_start_timeout: float = Field(
+        default=600.0, gt=0, description="seconds a worker may take to load its model and report ready"
+    )
+    watchdog_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="restart a worker that shows no progress (a step, or a heartbeat showing it computing) for this "
+        "many seconds with work pending",
+    )
+    max_worker_restarts: int = Field(
+        default=3, ge=0, description="worker restarts per model within 5 minutes; past them the model is failed"
+    )
+    drain_timeout: float = Field(default=30.0, ge=0, description="on SIGTERM, seconds in-flight requests may take")
+    admin_key: Annotated[str | None, Flag(unset="the API key")] = Field(
         default=None,
-        description="key for /admin/* ('Authorization: Bearer KEY'); default: the API key; with neither, only "
-        "loopback clients may use them",
+        description="key for /admin/* ('Authorization: Bearer KEY'); with neither it nor an API key, only loopback "
+        "clients may use them",
     )
     header_read_timeout: float = Field(
         default=10.0, gt=0, description="seconds a client may take to send a request's headers; then 408 and close"
@@ -78,7 +134,7 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         default=1000, ge=1, description="open HTTP connections; past it a new one gets 503 and is closed"
     )
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="how much to log")
 
     @field_validator("kv_cache_memory", mode="before")
     @classmethod
