@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from app.cli import build_parser
 from app.settings import Settings
@@ -21,24 +22,15 @@ def test_engine_flags_override_every_entry(tmp_path: Path) -> None:
     assert [e.gpu_memory_utilization for e in Settings(models=path).registry().models] == [0.9, 0.5]
 
 
-def test_documented_settings_get_their_flags_from_the_model(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("COLUMNS", "200")  # help lines unwrapped
-    args = build_parser().parse_args(
-        ["serve", "--header-read-timeout", "2.5", "--max-connections", "64", "--admin-key", "k"]
-    )
-    assert (args.header_read_timeout, args.max_connections, args.admin_key) == (2.5, 64, "k")
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--help"])
-    help_text = capsys.readouterr().out
-    for name, field in Settings.model_fields.items():
-        if field.description is not None:
-            assert "--" + name.replace("_", "-") in help_text, name
-    assert "(default: 10)" in help_text and "(default: 1000)" in help_text
-
-
 def test_admin_keys_fall_back_to_the_api_keys() -> None:
     assert Settings(api_key="a").admin_keys() == ["a"]
     assert Settings(api_key="a", admin_key="b").admin_keys() == ["b"]
     assert Settings(api_key="", admin_key="").admin_keys() == []
+
+
+def test_an_unknown_log_level_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENMILL_LOG_LEVEL", "verbose")
+    with pytest.raises(ValidationError, match="log_level"):
+        Settings()
+    monkeypatch.setenv("TOKENMILL_LOG_LEVEL", "warning")
+    assert Settings().log_level == "warning"
