@@ -208,3 +208,9 @@ def test_ray_replicas_get_the_same_settings_as_flags() -> None:
     given = {name: value for name, (_, value) in SAMPLES.items() if name not in ("host", "port")}
     args = cli.build_parser().parse_args(["serve", *server_args(argparse.Namespace(), given)])
     assert Settings(**cli.setting_values(args)).model_dump(exclude={"host", "port"}) == given
+
+
+def test_the_readme_names_every_serve_flag() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [name for name in Settings.model_fields if f"`--{name.replace('_', '-')}`" not in readme]
+    assert missing == []
