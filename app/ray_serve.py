@@ -19,6 +19,8 @@ from typing import Any, get_args
 
 import httpx
 
+from app.settings import Settings
+
 log = logging.getLogger("tokenmill.ray")
 
 REPLICA_HEADER = "x-tokenmill-replica"  # which replica answered: for debugging and for tests
@@ -112,7 +114,6 @@ def server_args(args: argparse.Namespace, given: dict[str, Any]) -> list[str]:
     """The `tokenmill serve` flags each replica's server gets: what was given, less host, port and the Ray flags.
     Paths are made absolute: a replica's working directory is not this one's."""
     from app.cli import flag_name
-    from app.settings import Settings
 
     fields = Settings.model_fields
     paths = {name for name, field in fields.items() if Path in (field.annotation, *get_args(field.annotation))}
@@ -159,12 +160,15 @@ def run(args: argparse.Namespace, given: dict[str, Any]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ray.init(address=args.ray_address, include_dashboard=False, logging_level=logging.WARNING)
     gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0  # type: ignore[no-untyped-call]
-    serve.start(http_options={"host": args.host or "127.0.0.1", "port": args.port or 8000})
+    defaults = Settings.model_fields
+    host = args.host or defaults["host"].get_default(call_default_factory=True)
+    port = args.port or defaults["port"].get_default(call_default_factory=True)
+    serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args, server_args(args, given), gpus), name="tokenmill", route_prefix="/")
     log.info(
         "tokenmill on Ray Serve at http://%s:%d: %d-%d replicas, %g GPU each",
-        args.host or "127.0.0.1",
-        args.port or 8000,
+        host,
+        port,
         args.min_replicas,
         args.max_replicas,
         gpus,
