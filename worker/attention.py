@@ -32,6 +32,7 @@ class PrefillSpan:
     ctx_len: int
     ctx_slots: torch.Tensor | None  # cache slots of the whole context; None when the span is the whole context
     mask: torch.Tensor | None  # [q_len, ctx_len] bool, True = attend; None when the span is the whole context
+    table: torch.Tensor | None = None  # the request's block ids [n] int64: set, the native kernel attends in place
 
 
 @dataclass
@@ -101,6 +102,10 @@ def attend(
     out = torch.empty(q.shape[1], q.shape[0], head_dim, dtype=q.dtype, device=q.device)  # [T, H, D]
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.q_len)
+        if span.table is not None:
+            if not native.prefill_attention(q[:, rows], k_cache, v_cache, span.table, span.ctx_len, out[rows], scale):
+                raise RuntimeError("the native prefill kernel refused shapes it was chosen for")
+            continue
         if span.ctx_slots is None:
             ks, vs = k[:, rows], v[:, rows]
         else:

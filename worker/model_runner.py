@@ -80,6 +80,9 @@ class ModelRunner:
         self.native_decode = not self.flash and native.decode_attention_takes(
             self.dtype, device, heads, kv_heads, head_dim
         )
+        self.native_prefill = not self.flash and native.prefill_attention_takes(
+            self.dtype, device, heads, kv_heads, head_dim
+        )
 
     def allocate(self, num_blocks: int) -> None:
         """(Re)allocate the KV pool: `num_blocks` blocks for sequences plus one scratch block, where the padding rows
@@ -109,11 +112,9 @@ class ModelRunner:
             attn = f"flash-attention ({source}) over pages of {self.block_size} tokens"
             return f"{forward}; attention: {attn}; {self.dtype} on {self.device}"
         decode = "native kernel over the paged cache" if self.native_decode else "torch matmuls over gathered blocks"
-        prefill = (
-            f"SDPA (spans of at most {SHORT_PREFILL} tokens through the decode kernel)"
-            if self.native_decode
-            else "SDPA"
-        )
+        prefill = "native bf16 kernel over the paged cache" if self.native_prefill else "SDPA"
+        if self.native_decode:
+            prefill += f" (spans of at most {SHORT_PREFILL} tokens through the decode kernel)"
         return f"{forward}; decode attention: {decode}; prefill attention: {prefill}; {self.dtype} on {self.device}"
 
     @torch.inference_mode()
@@ -180,6 +181,10 @@ class ModelRunner:
 
     def _prefill_span(self, start: int, q_len: int, num_computed: int, table: list[int]) -> PrefillSpan:
         ctx_len = num_computed + q_len
+        if self.native_prefill:
+            blocks = table[: -(-ctx_len // self.block_size)]
+            ids = torch.tensor(blocks, dtype=torch.long, device=self.device)
+            return PrefillSpan(start, q_len, ctx_len, None, None, ids)
         if num_computed == 0:
             return PrefillSpan(start, q_len, ctx_len, None, None)
         ctx_slots = self._slots(table, ctx_len)

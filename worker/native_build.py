@@ -149,6 +149,13 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         ctypes.c_float,  # scale
     ]
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.prefill_attention_ready.restype = ctypes.c_int
+    lib.prefill_attention_ready.argtypes = []
+    lib.prefill_attention.restype = ctypes.c_int
+    # q, q row stride, q head stride, k cache, v cache, table, table length, ctx_len, q_len, out, out row stride
+    lib.prefill_attention.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ptr, i64]
+    # H, Hkv, D, num blocks, block size, scale
+    lib.prefill_attention.argtypes += [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, ctypes.c_int, ctypes.c_float]
     lib.add_rms_norm.restype = None
     lib.add_rms_norm.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float]
     lib.rope_store.restype = ctypes.c_int

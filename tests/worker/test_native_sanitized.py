@@ -58,7 +58,11 @@ def test_kernel_tests_pass_under_address_and_undefined_behaviour_sanitizers(tmp_
         "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
         "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
     }
-    tests = ["tests/worker/test_native.py", "tests/reliability/test_native_kernels.py"]
+    tests = [
+        "tests/worker/test_native.py",
+        "tests/worker/test_native_prefill.py",
+        "tests/reliability/test_native_kernels.py",
+    ]
     pytest_args = ["-q", "-x", "-p", "sanitized_kernels", "-p", "no:cacheprovider", "-k", DESELECT, *tests]
     run = subprocess.run(
         [sys.executable, "-m", "pytest", *pytest_args],
