@@ -125,3 +125,62 @@ def test_refuses_what_it_does_not_take_and_checks_the_table() -> None:
         native.prefill_attention(q, k, v, bad, 40, out, 0.1)
     with pytest.raises(IndexError, match="longer than the table"):
         native.prefill_attention(q, k, v, table[:1], 40, out, 0.1)
+
+
+@pytest.fixture(scope="module")
+def head64_runner_model() -> torch.nn.Module:
+    """A random Llama with SmolLM2's head size (64) and GQA, in bfloat16: the prefill kernel takes its spans."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def test_chunks_take_the_kernel_their_work_calls_for_and_give_the_whole_prompts_logits(
+    head64_runner_model: torch.nn.Module,
+) -> None:
+    """A 600-token prompt fed in chunks of 16 (past the first few, each attends hundreds of keys: the prefill kernel),
+    of 2 (the decode kernel) and whole, and 14-token prompts (little work: the decode kernel, batched with decodes):
+    the last logits agree within bfloat16's rounding."""
+    import copy
+
+    from worker.model_runner import SHORT_PREFILL_ROWS, SHORT_PREFILL_WORK, BatchItem, ModelRunner
+
+    def runner() -> ModelRunner:
+        return ModelRunner(copy.deepcopy(head64_runner_model), num_blocks=200, block_size=16, device=CPU)
+
+    whole = runner()
+    assert whole.native_prefill and whole.native_decode
+    assert whole._short(14, 14) and whole._short(SHORT_PREFILL_ROWS, 4096)
+    assert not whole._short(16, 600) and not whole._short(3, 4096)
+    assert whole._short(32, SHORT_PREFILL_WORK // 32) and not whole._short(32, SHORT_PREFILL_WORK // 32 + 1)
+
+    prompt = torch.randint(3, 256, (600,), generator=torch.Generator().manual_seed(3)).tolist()
+    table = list(range(40))
+    reference = whole.execute([BatchItem(prompt, 0, table, True)])
+
+    def chunked(size: int) -> torch.Tensor:
+        run = runner()
+        for first in range(0, len(prompt) - size, size):
+            run.execute([BatchItem(prompt[first : first + size], first, table, False)])
+        last = (len(prompt) - 1) // size * size
+        return run.execute([BatchItem(prompt[last:], last, table, True)])
+
+    scale = reference.abs().max().item()
+    for size in (16, 2):
+        assert (chunked(size) - reference).abs().max().item() < 0.03 * scale
+    short = [torch.randint(3, 256, (14,), generator=torch.Generator().manual_seed(s)).tolist() for s in (4, 5)]
+    batched = runner().execute([BatchItem(p, 0, [50 + i], True) for i, p in enumerate(short)])
+    alone = torch.cat([runner().execute([BatchItem(p, 0, [50], True)]) for p in short])
+    assert (batched - alone).abs().max().item() < 0.03 * alone.abs().max().item()
