@@ -230,6 +230,15 @@ class Engine:
         if plan.scheduled:
             decodes = sum(1 for item in plan.scheduled if item.num_new_tokens == 1 and item.seq.num_output_tokens > 1)
             self.step_budget.observe(plan.num_batched_tokens - decodes, decodes, seconds)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "step %d: %d streams + %d prompt tokens in %.1f ms; %s",
+                    self.step_count,
+                    decodes,
+                    plan.num_batched_tokens - decodes,
+                    seconds * 1e3,
+                    self.step_budget.describe(),
+                )
         return StepOutput(self.step_count, outputs, self.stats(plan.num_batched_tokens, seconds))
 
     def _run(self, plan: SchedulerOutput) -> list[RequestOutput]:
