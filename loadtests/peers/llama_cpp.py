@@ -12,6 +12,7 @@ that llama.cpp's own converter writes next to it (DIR.bf16.gguf, DIR.q8_0.gguf; 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -148,11 +149,20 @@ def convert(directory: Path, src: Path, outtypes: tuple[str, ...] = GGUF_TYPES) 
         target = gguf_file(directory, outtype)
         if not target.is_file():
             partial = target.with_suffix(".partial")
-            command = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(directory), "--outtype", outtype]
-            step([*command, "--outfile", str(partial)], directory.parent / f"{directory.name}.convert.log")
+            command = [sys.executable, "-m", "loadtests.peers.convert_gguf", str(src / "convert_hf_to_gguf.py")]
+            command += [*pre_tokenizer(directory), "--", str(directory), "--outtype", outtype]
+            log = directory.parent / f"{directory.name}.convert.log"
+            step([*command, "--outfile", str(partial)], log, cwd=Path(__file__).resolve().parents[2])
             partial.rename(target)
         written.append(target)
     return written
+
+
+def pre_tokenizer(directory: Path) -> list[str]:
+    """`--pre` for `loadtests.peers.convert_gguf`: the pre-tokenizer transformers applies to the directory's model
+    where it overrides tokenizer.json's (Qwen2: its own split pattern, llama.cpp's `qwen2`)."""
+    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    return ["--pre", "qwen2"] if model_type == "qwen2" else []
 
 
 def directory_servers(cache: Path, port: int, directory: Path, context: int = DIRECTORY_CONTEXT) -> list[Server]:
