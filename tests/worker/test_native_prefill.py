@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import PreTrainedModel
 
 from worker import native
 
@@ -128,7 +129,7 @@ def test_refuses_what_it_does_not_take_and_checks_the_table() -> None:
 
 
 @pytest.fixture(scope="module")
-def head64_runner_model() -> torch.nn.Module:
+def head64_runner_model() -> PreTrainedModel:
     """A random Llama with SmolLM2's head size (64) and GQA, in bfloat16: the prefill kernel takes its spans."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -144,11 +145,11 @@ def head64_runner_model() -> torch.nn.Module:
         initializer_range=0.2,
         tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    return LlamaForCausalLM(config).bfloat16().eval()
 
 
 def test_chunks_take_the_kernel_their_work_calls_for_and_give_the_whole_prompts_logits(
-    head64_runner_model: torch.nn.Module,
+    head64_runner_model: PreTrainedModel,
 ) -> None:
     """A 600-token prompt fed in chunks of 16 (past the first few, each attends hundreds of keys: the prefill kernel),
     of 2 (the decode kernel) and whole, and 14-token prompts (little work: the decode kernel, batched with decodes):

@@ -73,7 +73,7 @@ def test_costs_are_moving_averages_and_the_chunk_stays_within_its_bounds() -> No
     unpriced_fixed = StepBudget(4096, ratio=1.0)
     unpriced_fixed.observe(prompt_tokens=100, decodes=0, seconds=0.1)
     token = unpriced_fixed.token_seconds
-    assert token == pytest.approx((0.1 - FALLBACK_FIXED_SECONDS) / 100)
+    assert token is not None and token == pytest.approx((0.1 - FALLBACK_FIXED_SECONDS) / 100)
     assert unpriced_fixed.prompt_tokens(decodes=1) == int((FALLBACK_FIXED_SECONDS + token) / token)  # a stream: a token
 
 
