@@ -11,7 +11,10 @@ In bfloat16 on a CPU the projections go through oneDNN with weights reordered on
 layout: `F.linear` reorders them on every call, which at decode batch sizes cost as much as the product itself. The
 packed product is the same oneDNN kernel, so its output is bitwise that of `F.linear`; each weight is checked for
 that when packed, and kept plain where it differs. Packing takes the weights over: the HF projections are released
-(the process holds one copy), so the model's own forward no longer runs.
+(the process holds one copy), so the model's own forward no longer runs. The output head is packed instead for the
+native bfloat16 kernel (`PackedHead`), whose layout also gives back the embedding's rows when the head is tied: a
+oneDNN copy would have to sit beside the embedding. Its sums round in another order than oneDNN's (one logit in
+about 5,000 differs by a bfloat16 unit), as the bfloat16 prefill attention kernel's already do.
 
 Models of other shapes, quantized weights and anything else unusual keep the HF forward (`supports` says which).
 """
@@ -82,6 +85,34 @@ class BlockProjection:
         return found if torch.equal(found.lookup(torch.arange(rows)), weight) else None
 
 
+@dataclass
+class PackedHead:
+    """x @ W.T in bfloat16 over W packed by `native.bf16_pack`, whose rows also serve the embedding lookup of a
+    tied head: one copy of the vocabulary's rows for both."""
+
+    packed: torch.Tensor
+    rows: int
+    cols: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return native.bf16_linear(self.packed, self.rows, self.cols, x)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of W: an embedding lookup."""
+        return native.bf16_rows(self.packed, self.rows, self.cols, ids)
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> PackedHead:
+        """`weight` packed, its rows checked to read back bit for bit (a stretch at a time, to bound the copy)."""
+        rows, cols = weight.shape
+        head = cls(native.bf16_pack(weight), rows, cols)
+        for start in range(0, rows, 8192):
+            ids = torch.arange(start, min(rows, start + 8192))
+            if not torch.equal(head.lookup(ids), weight[start : start + len(ids)]):
+                raise RuntimeError("bf16_pack: the packed head does not read back as its weight")
+        return head
+
+
 Project = Projection | BlockProjection
 
 
@@ -141,14 +172,33 @@ class LlamaForward:
             _copy_out_of_file(model, body.layers, set(self.blocks))
         self.layers = [self._fuse(layer) for layer in body.layers[: config.num_hidden_layers]]
         self.scaling = float(body.layers[0].self_attn.scaling)
-        self.lm_head: Callable[[torch.Tensor], torch.Tensor] = self._from_blocks([lm_head], lm_head.bias) or lm_head
-        self.embed = self._embedding(body.embed_tokens)
+        head_weight = lm_head.weight.detach()
+        self.lm_head: Callable[[torch.Tensor], torch.Tensor] = (
+            self._from_blocks([lm_head], lm_head.bias) or self._packed_head(lm_head) or lm_head
+        )
+        self.embed = self._embedding(body.embed_tokens, head_weight)
         self.blocks.clear()  # the caller's too: every block is packed into new memory by now
 
-    def _embedding(self, embed: nn.Embedding) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Token ids -> hidden rows (a new tensor), from the GGUF blocks where there are some (the head's, if tied)."""
+    def _packed_head(self, lm_head: nn.Linear) -> PackedHead | None:
+        """The head packed for `native.bf16_linear` (and its HF weight released), in bfloat16 on a CPU that has the
+        kernel. It is not oneDNN's product bit for bit (bf16_linear.c says how it rounds), but as fast as a oneDNN
+        copy reordered once from one row to hundreds, and where the head is tied its rows are the embedding's."""
+        weight = lm_head.weight.detach()
+        if not (self.pack and lm_head.bias is None and weight.shape[1] % 2 == 0 and native.bf16_linear_ready()):
+            return None
+        head = PackedHead.of(weight)
+        _release([lm_head])
+        return head
+
+    def _embedding(self, embed: nn.Embedding, head_weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Token ids -> hidden rows (a new tensor), from the GGUF blocks where there are some, or from the packed
+        head's rows where the head is tied to the embedding."""
         weight = embed.weight.detach()
         if isinstance(self.lm_head, BlockProjection) and weight.device.type == "meta":  # tied: released with the head
+            return self.lm_head.lookup
+        tied = weight.data_ptr() == head_weight.data_ptr() and weight.shape == head_weight.shape
+        if isinstance(self.lm_head, PackedHead) and tied:
+            embed.weight = nn.Parameter(torch.empty(weight.shape, device="meta"), requires_grad=False)
             return self.lm_head.lookup
         part = self.blocks.get(f"{self.names[id(embed)]}.weight")
         found = BlockProjection.exact([part], weight, None) if part is not None else None
@@ -206,7 +256,11 @@ class LlamaForward:
             return "oneDNN, reordered once" if projection.packed else "torch F.linear"
 
         kinds = {label(p) for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)}
-        return ", ".join(sorted(kinds))
+        if isinstance(self.lm_head, PackedHead):
+            head = "bf16 packed" + (", its rows the embedding's" if self.embed == self.lm_head.lookup else "")
+        else:
+            head = label(self.lm_head) if isinstance(self.lm_head, BlockProjection) else "torch F.linear"
+        return f"{', '.join(sorted(kinds))}; head: {head}"
 
     @torch.inference_mode()
     def __call__(

@@ -18,6 +18,10 @@ CPU flash kernel (SDPA) on SmolLM2's and Llama-3.2-1B's shapes, where attention 
 prefill step. It rounds as that kernel does (probabilities to bfloat16 before the values, float32 sums), not
 bitwise alike: results differ from SDPA's in the last bit of a third of the outputs, as SDPA's own paths differ.
 
+`bf16_linear` computes the output head in bfloat16 from one packed copy of its weight, which `bf16_rows` also
+reads for the embedding lookup when the head is tied: at decode batch sizes F.linear's reorder on every call
+doubled the head's time (bf16_linear.c says more).
+
 `argmax` finds the greedy token of each row in a tenth of the time torch's CPU argmax takes.
 
 `worker.native_build` compiles and loads the library; where it cannot, these wrappers are not called (the `*_takes`
@@ -157,6 +161,64 @@ def gguf_rows(code: int, packed: torch.Tensor, rows: int, cols: int, ids: torch.
     out = torch.empty(ids.shape[0], cols)
     if lib.gguf_rows(code, packed.data_ptr(), rows, cols, ids.data_ptr(), ids.shape[0], out.data_ptr()) != 0:
         raise _out_of_range("gguf_rows", "row id", ids, rows)
+    return out
+
+
+@functools.cache
+def bf16_linear_ready() -> bool:
+    """Whether `bf16_linear` runs here: the library was built with AVX-512 BF16."""
+    lib = library()
+    return lib is not None and bool(lib.bf16_linear_ready())
+
+
+def bf16_pack(weight: torch.Tensor) -> torch.Tensor:
+    """A bfloat16 weight [n, k] (k even) packed for `bf16_linear` and `bf16_rows`: a new flat tensor."""
+    lib = library()
+    assert lib is not None
+    if weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.shape[1] % 2 or not weight.is_cpu:
+        raise _shape_error("bf16_pack", weight=weight)
+    rows, cols = weight.shape
+    out = torch.empty(lib.bf16_packed_size(rows, cols), dtype=torch.bfloat16)
+    lib.bf16_pack(weight.contiguous().data_ptr(), rows, cols, out.data_ptr())
+    return out
+
+
+def _bf16_packed_ok(lib: ctypes.CDLL, packed: torch.Tensor, rows: int, cols: int) -> bool:
+    return (
+        packed.dtype == torch.bfloat16
+        and packed.is_cpu
+        and packed.is_contiguous()
+        and cols % 2 == 0
+        and packed.numel() == lib.bf16_packed_size(rows, cols)
+    )
+
+
+def bf16_linear(packed: torch.Tensor, rows: int, cols: int, x: torch.Tensor) -> torch.Tensor:
+    """x [T, cols] bfloat16 @ W.T -> [T, rows] bfloat16, W the weight `bf16_pack` packed: float32 sums rounded once."""
+    lib = library()
+    assert lib is not None and bf16_linear_ready()
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != cols or not x.is_cpu:
+        raise _shape_error("bf16_linear", x=x, packed=packed)
+    if not _bf16_packed_ok(lib, packed, rows, cols):
+        raise _shape_error("bf16_linear", x=x, packed=packed)
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], rows, dtype=torch.bfloat16)
+    lib.bf16_linear(x.data_ptr(), packed.data_ptr(), out.data_ptr(), x.shape[0], rows, cols)
+    return out
+
+
+def bf16_rows(packed: torch.Tensor, rows: int, cols: int, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` (each in [0, rows)) of the weight `bf16_pack` packed: [len(ids), cols] bfloat16, bit for bit."""
+    lib = library()
+    assert lib is not None
+    if ids.dim() != 1 or ids.is_floating_point() or not ids.is_cpu:
+        raise _shape_error("bf16_rows", ids=ids, packed=packed)
+    if not _bf16_packed_ok(lib, packed, rows, cols):
+        raise _shape_error("bf16_rows", ids=ids, packed=packed)
+    ids = ids.to(torch.long).contiguous()
+    out = torch.empty(ids.shape[0], cols, dtype=torch.bfloat16)
+    if lib.bf16_rows(packed.data_ptr(), rows, cols, ids.data_ptr(), ids.shape[0], out.data_ptr()) != 0:
+        raise _out_of_range("bf16_rows", "row id", ids, rows)
     return out
 
 

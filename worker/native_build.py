@@ -212,8 +212,9 @@ def library() -> ctypes.CDLL | None:
 def kernels(lib: ctypes.CDLL) -> str:
     """Which kernels a loaded library runs here."""
     prefill = "bf16 prefill attention" if lib.prefill_attention_ready() else "no bf16 prefill attention (SDPA)"
+    head = "bf16 packed head" if lib.bf16_linear_ready() else "no bf16 packed head"
     amx = "GGUF blocks on AMX from 32 rows" if lib.gguf_amx_ready() else "GGUF blocks on AVX-512 only"
-    return f"decode attention, layer ops, sampling, {prefill}, {amx}"
+    return f"decode attention, layer ops, sampling, {prefill}, {head}, {amx}"
 
 
 def status(device: torch.device) -> tuple[bool | None, str]:
@@ -270,6 +271,16 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gguf_amx_ready.argtypes = []
     lib.gguf_rows.restype = ctypes.c_int
     lib.gguf_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
+    lib.bf16_packed_size.restype = i64
+    lib.bf16_packed_size.argtypes = [i64, i64]
+    lib.bf16_pack.restype = None
+    lib.bf16_pack.argtypes = [ptr, i64, i64, ptr]
+    lib.bf16_rows.restype = ctypes.c_int
+    lib.bf16_rows.argtypes = [ptr, i64, i64, ptr, i64, ptr]
+    lib.bf16_linear_ready.restype = ctypes.c_int
+    lib.bf16_linear_ready.argtypes = []
+    lib.bf16_linear.restype = ctypes.c_int
+    lib.bf16_linear.argtypes = [ptr, ptr, ptr, i64, i64, i64]
     lib.argmax_rows.restype = None
     lib.argmax_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     return lib

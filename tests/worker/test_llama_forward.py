@@ -7,11 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
+from tests.conftest import save_tiny_model, tiny_config_kwargs
 from tests.worker.engine_harness import make_engine, random_prompts, reference, run_all
 from worker import llama_forward, native
-from worker.llama_forward import Projection
+from worker.llama_forward import PackedHead, Projection
 from worker.messages import SamplingParams
 from worker.model_runner import BatchItem, ModelRunner
 
@@ -80,8 +89,42 @@ def test_packed_projections_give_the_plain_products_bit_for_bit(
     monkeypatch.setattr(llama_forward, "packs", lambda dtype, device: False)
     plain = ModelRunner(copy.deepcopy(bf16_model), num_blocks=8, block_size=4, device=torch.device("cpu"))
     assert plain.lean is not None and not plain.lean.layers[0].qkv.packed
+    plain.lean.lm_head = packed.lean.lm_head  # the head is not oneDNN's (see the tied-head test); the rest is
     for step in mixed_batch(packed, int(bf16_model.config.vocab_size)):
         assert torch.equal(packed.execute(step), plain.execute(step))
+
+
+@pytest.fixture(scope="module")
+def tied_bf16_model(
+    tiny_tokenizer: PreTrainedTokenizerFast, tmp_path_factory: pytest.TempPathFactory
+) -> PreTrainedModel:
+    """bfloat16 with the head tied to the embedding, as SmolLM2, Qwen2.5-0.5B and Llama-3.2-1B/3B are."""
+    config = Qwen2Config(**{**tiny_config_kwargs(tiny_tokenizer), "tie_word_embeddings": True})
+    path = save_tiny_model(Qwen2ForCausalLM, config, tiny_tokenizer, tmp_path_factory.mktemp("tiny-tied"))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+
+
+def test_a_tied_head_is_packed_once_and_serves_the_embedding(
+    tied_bf16_model: PreTrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head is packed for the bfloat16 kernel and the embedding reads its rows from it: the process holds one copy
+    of the vocabulary's rows. Lookups are bit for bit; logits are the HF modules' within a bfloat16 unit."""
+    if not (llama_forward.packs(torch.bfloat16, torch.device("cpu")) and native.bf16_linear_ready()):
+        pytest.skip("no oneDNN or no AVX-512 BF16 kernels here")
+    embedding = tied_bf16_model.get_input_embeddings().weight.detach().clone()  # type: ignore[no-untyped-call,operator]
+    lean = ModelRunner(copy.deepcopy(tied_bf16_model), num_blocks=8, block_size=4, device=torch.device("cpu"))
+    monkeypatch.setattr(llama_forward, "supports", lambda model: False)  # the HF modules, their weights kept
+    hf = ModelRunner(copy.deepcopy(tied_bf16_model), num_blocks=8, block_size=4, device=torch.device("cpu"))
+    assert lean.lean is not None and isinstance(lean.lean.lm_head, PackedHead)
+    assert lean.lean.embed == lean.lean.lm_head.lookup
+    assert lean.model.get_input_embeddings().weight.is_meta  # type: ignore[no-untyped-call]
+    assert lean.model.get_output_embeddings().weight.is_meta  # type: ignore[no-untyped-call]
+    assert "head: bf16 packed, its rows the embedding's" in lean.describe()
+    ids = torch.tensor([0, 7, int(embedding.shape[0]) - 1, 7])
+    assert torch.equal(lean.lean.embed(ids), embedding[ids])
+    for step in mixed_batch(lean, int(tied_bf16_model.config.vocab_size)):
+        got, want = lean.execute(step), hf.execute(step)
+        torch.testing.assert_close(got, want, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=0.02)
 
 
 def test_torch_decode_attention_equals_generate(model: PreTrainedModel) -> None:
@@ -171,3 +214,5 @@ def test_the_runner_says_which_paths_a_step_takes(model: PreTrainedModel, bf16_m
     assert runner.describe().startswith("transformers' modules; ")
     if llama_forward.packs(torch.bfloat16, torch.device("cpu")):
         assert "projections: oneDNN, reordered once" in make_engine(bf16_model).runner.describe()
+        head = "bf16 packed" if native.bf16_linear_ready() else "torch F.linear"
+        assert f"; head: {head})" in make_engine(bf16_model).runner.describe()

@@ -315,6 +315,45 @@ def test_a_failed_build_warns_and_says_why(tmp_path: Path) -> None:
     assert not list((tmp_path / "native").glob("*.so"))
 
 
+needs_bf16_linear = pytest.mark.skipif(
+    not native.bf16_linear_ready(), reason="the kernels were built without AVX-512 BF16"
+)
+
+
+@needs_bf16_linear
+@pytest.mark.parametrize(("rows", "cols"), [(16, 2), (151, 64), (1000, 896)])
+def test_bf16_linear_rounds_float32_sums_once_and_reads_its_rows_back(rows: int, cols: int) -> None:
+    """Each output is the float32 product rounded once to bfloat16 (within a unit of that rounding: the sums run in
+    another order), whatever the batch; the packed rows read back bit for bit. 151 rows leave a group of 16 short and
+    an odd number of groups."""
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(rows, cols, generator=gen).bfloat16()
+    packed = native.bf16_pack(weight)
+    assert torch.equal(native.bf16_rows(packed, rows, cols, torch.arange(rows).flip(0)), weight.flip(0))
+    x = torch.randn(13, cols, generator=gen).bfloat16()
+    got = native.bf16_linear(packed, rows, cols, x)
+    exact = F.linear(x.float(), weight.float())
+    unit = torch.finfo(torch.bfloat16).eps * exact.abs().clamp_min(1e-30)
+    assert bool(((got.float() - exact).abs() <= unit).all())
+    assert (got == exact.bfloat16()).float().mean() > 0.99
+    for r in (0, 5, 6, 12):  # alone, last of a tile of 6, first of the next, last of a short tile
+        assert torch.equal(native.bf16_linear(packed, rows, cols, x[r : r + 1]), got[r : r + 1])
+
+
+@needs_bf16_linear
+def test_bf16_wrappers_refuse_what_the_kernel_would_misread() -> None:
+    weight = torch.randn(20, 8).bfloat16()
+    packed = native.bf16_pack(weight)
+    with pytest.raises(IndexError, match="bf16_rows: row id 20 outside"):
+        native.bf16_rows(packed, 20, 8, torch.tensor([3, 20]))
+    with pytest.raises(ValueError, match="bf16_linear"):
+        native.bf16_linear(packed, 20, 8, torch.zeros(2, 8))  # float32 x
+    with pytest.raises(ValueError, match="bf16_linear"):
+        native.bf16_linear(packed[:-1], 20, 8, torch.zeros(2, 8).bfloat16())
+    with pytest.raises(ValueError, match="bf16_pack"):
+        native.bf16_pack(torch.zeros(4, 7).bfloat16())  # an odd column count has no pairs
+
+
 def test_status_of_loaded_kernels() -> None:
     assert native.status(torch.device("cpu")) == (True, "")
     assert native.status(torch.device("meta")) == (None, "")  # not a CPU model: the kernels do not apply
