@@ -7,14 +7,15 @@ use. The HF model's own weights are reused (its projections become views of the 
 computes the position embeddings, and every op mirrors the HF one (norms in float32, rotary in the model dtype), so
 greedy outputs stay equal to transformers' `generate`.
 
-In bfloat16 on a CPU the projections go through oneDNN with weights reordered once, at load, into its blocked
-layout: `F.linear` reorders them on every call, which at decode batch sizes cost as much as the product itself. The
-packed product is the same oneDNN kernel, so its output is bitwise that of `F.linear`; each weight is checked for
-that when packed, and kept plain where it differs. Packing takes the weights over: the HF projections are released
-(the process holds one copy), so the model's own forward no longer runs. The output head is packed instead for the
-native bfloat16 kernel (`PackedHead`), whose layout also gives back the embedding's rows when the head is tied: a
-oneDNN copy would have to sit beside the embedding. Its sums round in another order than oneDNN's (one logit in
-about 5,000 differs by a bfloat16 unit), as the bfloat16 prefill attention kernel's already do.
+In bfloat16 on a CPU every projection, and the output head, is packed once at load for a native kernel of
+AVX-512 BF16 dot products (`BF16Projection`, csrc/bf16_linear.c), whose layout also gives back the embedding's rows
+where the head is tied (one copy of the vocabulary's rows). `F.linear` reordered each weight for oneDNN on every
+call, which at decode batch sizes cost as much as the product itself. Its sums round in another order than oneDNN's
+(about one output in 5,000 differs by a bfloat16 unit), as the bfloat16 prefill attention kernel's do; bfloat16
+outputs equal transformers' up to a near-tie. On a CPU with AMX (`native_projections`), the layers are reordered
+for oneDNN instead, whose tiles prefill faster, and those products are `F.linear`'s bit for bit (each weight is
+checked when packed, and kept plain where it differs). Packing takes the weights over: the HF projections are
+released (the process holds one copy), so the model's own forward no longer runs.
 
 Models of other shapes, quantized weights and anything else unusual keep the HF forward (`supports` says which).
 """
@@ -86,34 +87,35 @@ class BlockProjection:
 
 
 @dataclass
-class PackedHead:
-    """x @ W.T in bfloat16 over W packed by `native.bf16_pack`, whose rows also serve the embedding lookup of a
-    tied head: one copy of the vocabulary's rows for both."""
+class BF16Projection:
+    """x @ W.T + b in bfloat16 over W packed by `native.bf16_pack`; a tied head's packed rows also serve the
+    embedding lookup: one copy of the vocabulary's rows for both."""
 
     packed: torch.Tensor
     rows: int
     cols: int
+    bias: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return native.bf16_linear(self.packed, self.rows, self.cols, x)
+        return native.bf16_linear(self.packed, self.rows, self.cols, x, self.bias)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of W: an embedding lookup."""
         return native.bf16_rows(self.packed, self.rows, self.cols, ids)
 
     @classmethod
-    def of(cls, weight: torch.Tensor) -> PackedHead:
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> BF16Projection:
         """`weight` packed, its rows checked to read back bit for bit (a stretch at a time, to bound the copy)."""
         rows, cols = weight.shape
-        head = cls(native.bf16_pack(weight), rows, cols)
+        head = cls(native.bf16_pack(weight), rows, cols, None if bias is None else bias.contiguous())
         for start in range(0, rows, 8192):
             ids = torch.arange(start, min(rows, start + 8192))
             if not torch.equal(head.lookup(ids), weight[start : start + len(ids)]):
-                raise RuntimeError("bf16_pack: the packed head does not read back as its weight")
+                raise RuntimeError("bf16_pack: the packed weight does not read back as the weight")
         return head
 
 
-Project = Projection | BlockProjection
+Project = Projection | BlockProjection | BF16Projection
 
 
 @dataclass
@@ -143,6 +145,15 @@ def supports(model: PreTrainedModel) -> bool:
     return all(type(m) is nn.Linear and type(m.weight) is nn.Parameter for m in linears)  # no quantized layers
 
 
+def native_projections() -> bool:
+    """Whether bfloat16 projections run `native.bf16_linear` rather than oneDNN: where the kernel is built (AVX-512
+    BF16) and the CPU has no AMX. With AMX, oneDNN's tiles multiply prompts several times faster than AVX-512 dot
+    products can; without, oneDNN's reordered product was 1.0-1.45x slower (decode reads the weights at 21-26
+    against 31-33 GB/s; prompts run at the same 350-440 GFLOP/s; AMD EPYC Zen 4). `native.gguf_amx` says whether
+    the OS lets this process use AMX tiles, which oneDNN needs as much as the GGUF kernels."""
+    return native.bf16_linear_ready() and not native.gguf_amx()
+
+
 def packs(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether weights of this dtype on this device are worth packing for oneDNN (bfloat16 on a CPU with oneDNN)."""
     return dtype == torch.bfloat16 and device.type == "cpu" and torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
@@ -164,6 +175,7 @@ class LlamaForward:
         assert isinstance(lm_head, nn.Linear)
         weight = self.final_norm
         self.pack = packs(weight.dtype, weight.device)
+        self.native_bf16 = self.pack and native_projections()
         self.blocks = blocks if blocks and weight.dtype == torch.float32 and weight.device.type == "cpu" else {}
         self.names = {id(module): name for name, module in model.named_modules()}
         sizes = (config.hidden_size, config.intermediate_size, self.head_dim)
@@ -179,14 +191,14 @@ class LlamaForward:
         self.embed = self._embedding(body.embed_tokens, head_weight)
         self.blocks.clear()  # the caller's too: every block is packed into new memory by now
 
-    def _packed_head(self, lm_head: nn.Linear) -> PackedHead | None:
+    def _packed_head(self, lm_head: nn.Linear) -> BF16Projection | None:
         """The head packed for `native.bf16_linear` (and its HF weight released), in bfloat16 on a CPU that has the
         kernel. It is not oneDNN's product bit for bit (bf16_linear.c says how it rounds), but as fast as a oneDNN
         copy reordered once from one row to hundreds, and where the head is tied its rows are the embedding's."""
         weight = lm_head.weight.detach()
         if not (self.pack and lm_head.bias is None and weight.shape[1] % 2 == 0 and native.bf16_linear_ready()):
             return None
-        head = PackedHead.of(weight)
+        head = BF16Projection.of(weight)
         _release([lm_head])
         return head
 
@@ -197,7 +209,7 @@ class LlamaForward:
         if isinstance(self.lm_head, BlockProjection) and weight.device.type == "meta":  # tied: released with the head
             return self.lm_head.lookup
         tied = weight.data_ptr() == head_weight.data_ptr() and weight.shape == head_weight.shape
-        if isinstance(self.lm_head, PackedHead) and tied:
+        if isinstance(self.lm_head, BF16Projection) and tied:
             embed.weight = nn.Parameter(torch.empty(weight.shape, device="meta"), requires_grad=False)
             return self.lm_head.lookup
         part = self.blocks.get(f"{self.names[id(embed)]}.weight")
@@ -229,6 +241,9 @@ class LlamaForward:
         plain = Projection(_concat_into_views(linears) if len(linears) > 1 else linears[0].weight.detach(), bias)
         if not self.pack:
             return plain
+        if self.native_bf16 and plain.weight.shape[1] % 2 == 0:
+            _release(linears)
+            return BF16Projection.of(plain.weight, bias)
         packed = _packed_if_exact(plain.weight, bias)
         if packed is None:
             return plain
@@ -251,12 +266,14 @@ class LlamaForward:
         """What the projections compute with, for the start-up log."""
 
         def label(projection: Project) -> str:
+            if isinstance(projection, BF16Projection):
+                return "native bf16 (AVX-512 BF16), packed once"
             if isinstance(projection, BlockProjection):
                 return "GGUF blocks" + (" (AMX from 32 rows)" if native.gguf_amx() else "")
             return "oneDNN, reordered once" if projection.packed else "torch F.linear"
 
         kinds = {label(p) for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)}
-        if isinstance(self.lm_head, PackedHead):
+        if isinstance(self.lm_head, BF16Projection):
             head = "bf16 packed" + (", its rows the embedding's" if self.embed == self.lm_head.lookup else "")
         else:
             head = label(self.lm_head) if isinstance(self.lm_head, BlockProjection) else "torch F.linear"

@@ -193,17 +193,21 @@ def _bf16_packed_ok(lib: ctypes.CDLL, packed: torch.Tensor, rows: int, cols: int
     )
 
 
-def bf16_linear(packed: torch.Tensor, rows: int, cols: int, x: torch.Tensor) -> torch.Tensor:
-    """x [T, cols] bfloat16 @ W.T -> [T, rows] bfloat16, W the weight `bf16_pack` packed: float32 sums rounded once."""
+def bf16_linear(
+    packed: torch.Tensor, rows: int, cols: int, x: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [T, cols] bfloat16 @ W.T + bias -> [T, rows] bfloat16, W the weight `bf16_pack` packed: float32 sums and
+    the bias rounded once."""
     lib = library()
     assert lib is not None and bf16_linear_ready()
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != cols or not x.is_cpu:
-        raise _shape_error("bf16_linear", x=x, packed=packed)
-    if not _bf16_packed_ok(lib, packed, rows, cols):
-        raise _shape_error("bf16_linear", x=x, packed=packed)
+        raise _shape_error("bf16_linear", x=x, packed=packed, bias=bias)
+    if not _bf16_packed_ok(lib, packed, rows, cols) or not (bias is None or _dense(bias, torch.bfloat16, (rows,))):
+        raise _shape_error("bf16_linear", x=x, packed=packed, bias=bias)
     x = x.contiguous()
     out = torch.empty(x.shape[0], rows, dtype=torch.bfloat16)
-    lib.bf16_linear(x.data_ptr(), packed.data_ptr(), out.data_ptr(), x.shape[0], rows, cols)
+    extra = None if bias is None else bias.data_ptr()
+    lib.bf16_linear(x.data_ptr(), packed.data_ptr(), extra, out.data_ptr(), x.shape[0], rows, cols)
     return out
 
 

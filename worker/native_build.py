@@ -280,7 +280,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bf16_linear_ready.restype = ctypes.c_int
     lib.bf16_linear_ready.argtypes = []
     lib.bf16_linear.restype = ctypes.c_int
-    lib.bf16_linear.argtypes = [ptr, ptr, ptr, i64, i64, i64]
+    lib.bf16_linear.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64]
     lib.argmax_rows.restype = None
     lib.argmax_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     return lib

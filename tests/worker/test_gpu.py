@@ -8,7 +8,6 @@ Each test body takes a model or a device and nothing else, so its logic can be t
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -17,7 +16,16 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from tests.conftest import tiny_entry
-from tests.worker.engine_harness import drain, greedy_generate, make_engine, random_prompts, reference, run_all
+from tests.worker.engine_harness import (
+    Reference,
+    assert_near_ties_only,
+    drain,
+    make_engine,
+    random_prompts,
+    reference,
+    reference_with_logprobs,
+    run_all,
+)
 from worker.engine import Engine
 from worker.flash_attention import PAGE_MULTIPLE
 from worker.loader import load_model
@@ -28,25 +36,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 GREEDY = SamplingParams(max_tokens=14, temperature=0.0)
 CUDA = torch.device("cuda")
-# A divergence from the reference is allowed where the reference rated the token taken instead within this many nats of
-# its own best: a near-tie that rounding can flip. bfloat16 keeps 8 significant bits, so the tiny models' logits (up to
-# about 7.5) lie on a grid of 2**-5 and top-2 pairs often tie outright. On CPU, over the torch paths a CUDA engine
-# takes (TOKENMILL_NATIVE=0), summing in another order (packed batches, chunks, paged attention) moved a token's logprob
-# by 0.02 nats typically and 0.14 at most, and swapped pairs up to 0.19 nats apart: 3 of 600 requests went past 0.1.
-# 0.25 covers them with a margin yet stays under the median top-2 gap (0.35-0.4 nats); a real fault (a wrong position,
-# a swapped block) moves logits by whole nats.
-NEAR_TIE_NATS = 0.25
 # Bytes that `memory_allocated` may gain between a warm-up wave and the end of 1,000 requests. The CUDA caching
 # allocator rounds every tensor up to 512 bytes, so even one leaked tensor a request would add about 475 KiB.
 MEMORY_SLACK = 128 << 10
-
-
-@dataclass
-class Reference:
-    """`generate`'s greedy tokens and its own log-probabilities at each of them, [len(tokens), vocab] on the CPU."""
-
-    tokens: list[int]
-    logprobs: torch.Tensor
 
 
 def load_tiny(path: Path, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
@@ -55,47 +47,8 @@ def load_tiny(path: Path, dtype: torch.dtype, device: torch.device) -> PreTraine
     return model.eval()
 
 
-def reference_with_logprobs(model: PreTrainedModel, prompt: list[int], max_tokens: int) -> Reference:
-    """transformers' own greedy `generate`, one prompt at a time (no padding), keeping the raw logits of each step."""
-    out = greedy_generate(model, prompt, max_tokens, output_logits=True, return_dict_in_generate=True)
-    tokens = [int(t) for t in out.sequences[0, len(prompt) :]]
-    logprobs = torch.stack([step[0] for step in out.logits]).float().log_softmax(dim=-1).cpu()
-    assert logprobs.shape[0] == len(tokens)
-    return Reference(tokens, logprobs)
-
-
 def logprob_references(model: PreTrainedModel, prompts: dict[str, list[int]]) -> dict[str, Reference]:
     return {rid: reference_with_logprobs(model, prompt, GREEDY.max_tokens) for rid, prompt in prompts.items()}
-
-
-def divergence(got: list[int], ref: Reference, tolerance: float = NEAR_TIE_NATS) -> int | None:
-    """Where `got` first leaves the reference (None: nowhere), failing unless that step was a near-tie.
-
-    The rule for computations that round differently from the reference (bfloat16, quantized matmuls that depend on
-    the batch): the tokens equal the reference's up to the first divergence; at it, the token taken instead must be
-    one the reference itself rated within `tolerance` nats of its own best, so the two can only have swapped places
-    by rounding. After it the contexts differ and the rest is not compared.
-    """
-    for index, (token, expected) in enumerate(zip(got, ref.tokens, strict=False)):
-        if token == expected:
-            continue
-        logprobs = ref.logprobs[index]
-        behind = float(logprobs.max() - logprobs[token])
-        top2 = [round(float(v), 4) for v in logprobs.topk(2).values]
-        assert behind <= tolerance, (
-            f"token {index}: took {token}, {behind:.4f} nats behind the reference's {expected} (top-2 logprobs "
-            f"{top2}), more than the {tolerance} nats a rounding difference can explain; got {got}, "
-            f"expected {ref.tokens}"
-        )
-        return index
-    assert len(got) == len(ref.tokens), f"same tokens but a different length: got {got}, expected {ref.tokens}"
-    return None
-
-
-def assert_near_ties_only(got: dict[str, list[int]], refs: dict[str, Reference]) -> None:
-    assert got.keys() == refs.keys()
-    for rid, ref in refs.items():
-        divergence(got[rid], ref)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

@@ -18,9 +18,16 @@ from transformers import (
 )
 
 from tests.conftest import save_tiny_model, tiny_config_kwargs
-from tests.worker.engine_harness import make_engine, random_prompts, reference, run_all
+from tests.worker.engine_harness import (
+    assert_near_ties_only,
+    make_engine,
+    random_prompts,
+    reference,
+    reference_with_logprobs,
+    run_all,
+)
 from worker import llama_forward, native
-from worker.llama_forward import PackedHead, Projection
+from worker.llama_forward import BF16Projection, Projection
 from worker.messages import SamplingParams
 from worker.model_runner import BatchItem, ModelRunner
 
@@ -78,17 +85,24 @@ def bf16_model(tiny_qwen2_dir: Path) -> PreTrainedModel:
 def test_packed_projections_give_the_plain_products_bit_for_bit(
     bf16_model: PreTrainedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Where the layers are reordered for oneDNN (CPUs with AMX): the products are F.linear's bit for bit."""
     if not llama_forward.packs(torch.bfloat16, torch.device("cpu")):
         pytest.skip("torch has no oneDNN here")
+    monkeypatch.setattr(llama_forward, "native_projections", lambda: False)
     packed = ModelRunner(copy.deepcopy(bf16_model), num_blocks=8, block_size=4, device=torch.device("cpu"))
     assert packed.lean is not None
-    assert all(p.packed for layer in packed.lean.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    assert all(
+        isinstance(p, Projection) and p.packed
+        for layer in packed.lean.layers
+        for p in (layer.qkv, layer.o, layer.gate_up, layer.down)
+    )
     assert packed.lean.layers[0].qkv.bias is not None
     hf_layer = packed.model.model.layers[0]  # type: ignore[attr-defined]
     assert hf_layer.self_attn.q_proj.weight.is_meta and hf_layer.mlp.down_proj.weight.is_meta  # one copy held
     monkeypatch.setattr(llama_forward, "packs", lambda dtype, device: False)
     plain = ModelRunner(copy.deepcopy(bf16_model), num_blocks=8, block_size=4, device=torch.device("cpu"))
-    assert plain.lean is not None and not plain.lean.layers[0].qkv.packed
+    assert plain.lean is not None and isinstance(plain.lean.layers[0].qkv, Projection)
+    assert not plain.lean.layers[0].qkv.packed
     plain.lean.lm_head = packed.lean.lm_head  # the head is not oneDNN's (see the tied-head test); the rest is
     for step in mixed_batch(packed, int(bf16_model.config.vocab_size)):
         assert torch.equal(packed.execute(step), plain.execute(step))
@@ -115,7 +129,7 @@ def test_a_tied_head_is_packed_once_and_serves_the_embedding(
     lean = ModelRunner(copy.deepcopy(tied_bf16_model), num_blocks=8, block_size=4, device=torch.device("cpu"))
     monkeypatch.setattr(llama_forward, "supports", lambda model: False)  # the HF modules, their weights kept
     hf = ModelRunner(copy.deepcopy(tied_bf16_model), num_blocks=8, block_size=4, device=torch.device("cpu"))
-    assert lean.lean is not None and isinstance(lean.lean.lm_head, PackedHead)
+    assert lean.lean is not None and isinstance(lean.lean.lm_head, BF16Projection)
     assert lean.lean.embed == lean.lean.lm_head.lookup
     assert lean.model.get_input_embeddings().weight.is_meta  # type: ignore[no-untyped-call]
     assert lean.model.get_output_embeddings().weight.is_meta  # type: ignore[no-untyped-call]
@@ -125,6 +139,30 @@ def test_a_tied_head_is_packed_once_and_serves_the_embedding(
     for step in mixed_batch(lean, int(tied_bf16_model.config.vocab_size)):
         got, want = lean.execute(step), hf.execute(step)
         torch.testing.assert_close(got, want, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=0.02)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def bf16_pair(request: pytest.FixtureRequest) -> PreTrainedModel:
+    path: Path = request.getfixturevalue(f"tiny_{request.param}_dir")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+
+
+def test_native_bf16_projections_equal_generate_up_to_near_ties(bf16_pair: PreTrainedModel) -> None:
+    """Without AMX every bfloat16 projection runs the native kernel (Qwen2's q/k/v biases added before the one
+    rounding); greedy tokens equal transformers' bfloat16 `generate` up to a near-tie."""
+    if not (llama_forward.packs(torch.bfloat16, torch.device("cpu")) and llama_forward.native_projections()):
+        pytest.skip("oneDNN runs the projections here (AMX), or there is no AVX-512 BF16 kernel")
+    engine = make_engine(bf16_pair)
+    lean = engine.runner.lean
+    assert lean is not None
+    projections = [p for layer in lean.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    assert all(isinstance(p, BF16Projection) for p in projections)
+    assert "projections: native bf16 (AVX-512 BF16), packed once; head: bf16 packed)" in engine.runner.describe()
+    assert (lean.layers[0].qkv.bias is not None) == (bf16_pair.config.model_type == "qwen2")  # type: ignore[union-attr]
+    prompts = random_prompts(int(bf16_pair.config.vocab_size), [5, 17, 3, 30, 11, 24], seed=6)
+    run = run_all(engine, prompts, SamplingParams(max_tokens=14, temperature=0.0))
+    refs = {rid: reference_with_logprobs(bf16_pair, prompt, 14) for rid, prompt in prompts.items()}
+    assert_near_ties_only(run.tokens, refs)
 
 
 def test_torch_decode_attention_equals_generate(model: PreTrainedModel) -> None:
@@ -213,6 +251,11 @@ def test_the_runner_says_which_paths_a_step_takes(model: PreTrainedModel, bf16_m
     runner.lean = None
     assert runner.describe().startswith("transformers' modules; ")
     if llama_forward.packs(torch.bfloat16, torch.device("cpu")):
-        assert "projections: oneDNN, reordered once" in make_engine(bf16_model).runner.describe()
+        kind = (
+            "native bf16 (AVX-512 BF16), packed once"
+            if llama_forward.native_projections()
+            else "oneDNN, reordered once"
+        )
+        assert f"projections: {kind};" in make_engine(bf16_model).runner.describe()
         head = "bf16 packed" if native.bf16_linear_ready() else "torch F.linear"
         assert f"; head: {head})" in make_engine(bf16_model).runner.describe()
