@@ -57,13 +57,7 @@ int bf16_rows(const uint16_t *packed, int64_t n, int64_t k, const int64_t *ids, 
     return 0;
 }
 
-int bf16_linear_ready(void) {
-#ifdef __AVX512BF16__
-    return 1;
-#else
-    return 0;
-#endif
-}
+int bf16_linear_ready(void) { return HAS_AVX512_BF16; }
 
 #ifdef __AVX512BF16__
 

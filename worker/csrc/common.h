@@ -46,6 +46,12 @@ static inline const void *row_at(const void *base, int64_t i, dtype_t t) {
 #endif
 #include <immintrin.h>
 #define LANES 16
+/* whether the compiler's target has AVX-512 BF16 (vdpbf16ps), which the bfloat16 kernels need */
+#ifdef __AVX512BF16__
+#define HAS_AVX512_BF16 1
+#else
+#define HAS_AVX512_BF16 0
+#endif
 #define INLINE static inline __attribute__((always_inline))
 
 INLINE __m512 load16(const void *base, int64_t i, dtype_t t) {

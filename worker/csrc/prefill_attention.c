@@ -23,13 +23,7 @@
 
 #define KEYS 64 /* keys a tile attends per round of the online softmax */
 
-int prefill_attention_ready(void) {
-#ifdef __AVX512BF16__
-    return 1;
-#else
-    return 0;
-#endif
-}
+int prefill_attention_ready(void) { return HAS_AVX512_BF16; }
 
 #ifdef __AVX512BF16__
 
