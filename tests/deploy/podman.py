@@ -19,6 +19,7 @@ import re
 import resource
 import shutil
 import subprocess
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ MMDEBSTRAP = shutil.which("mmdebstrap")
 APT_SOURCES = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))]
 BASE_PACKAGES = ["python3", "python3-venv", "ca-certificates"]
 NPROC = 4096
+ENVIRONMENT_PATHS = ("PIP_CERT", "PIP_FIND_LINKS", "PIP_CONSTRAINT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
 
 
 def unavailable() -> str:
@@ -40,27 +42,33 @@ def unavailable() -> str:
     return ""
 
 
+def option_name(key: str) -> str:
+    """pip's option name of a configuration key or environment variable: global.find-links, PIP_FIND_LINKS."""
+    return key.rsplit(".", 1)[-1].removeprefix("PIP_").lower().replace("_", "-")
+
+
 def apt_sources() -> list[Path]:
     return [path for path in APT_SOURCES if path.is_file() and path.read_text().strip()]
 
 
-def pip_mounts() -> list[str]:
-    """`podman --volume` arguments for the machine's pip configuration and every existing path it refers to."""
+def pip_mounts(leave_out: Collection[str] = ()) -> list[str]:
+    """`podman --volume` arguments for the machine's pip configuration and every existing path it refers to, but
+    for the paths of the options named in `leave_out` (pip's names, such as "find-links")."""
     listing = subprocess.run(
         ["python3", "-m", "pip", "config", "debug"], capture_output=True, text=True, timeout=60
     ).stdout
     files = re.findall(r"^\s+(/\S+), exists: True", listing, re.MULTILINE)
-    values = re.findall(r"^\s+[\w.-]+\s*[:=]\s*(.+)$", listing, re.MULTILINE)  # global.cert: ..., PIP_CERT='...'
+    # global.cert: ..., PIP_CERT='...'
+    settings = re.findall(r"^\s+([\w.-]+)\s*[:=]\s*(.+)$", listing, re.MULTILINE)
+    settings += [(name, os.environ.get(name, "")) for name in ENVIRONMENT_PATHS]
     paths = set(files)
-    for value in values:
+    for key, value in settings:
+        if option_name(key) in leave_out:
+            continue
         for word in value.strip().strip("'\"").split():
             path = word.removeprefix("file://")
             if path.startswith("/") and Path(path).exists():
                 paths.add(path)
-    for name in ("PIP_CERT", "PIP_FIND_LINKS", "PIP_CONSTRAINT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
-        value = os.environ.get(name, "")
-        if value.startswith("/") and Path(value).exists():
-            paths.add(value)
     # an index directory is referred to by its simple/ subfolder: mount the folder above it
     mounts = {str(Path(p).parent) if Path(p).name == "simple" else p for p in paths}
     return [f"--volume={path}:{path}:ro" for path in sorted(mounts)]
@@ -108,9 +116,12 @@ class Podman:
         tarball.unlink()
         return "made"
 
-    def build(self, tag: str, dockerfile: Path, context: Path, build_args: dict[str, str]) -> str:
-        """Docker's image format: podman's default (OCI) has no HEALTHCHECK."""
-        args = ["build", "--format=docker", "--network=host", f"--file={dockerfile}", f"--tag={tag}", *pip_mounts()]
+    def build(
+        self, tag: str, dockerfile: Path, context: Path, build_args: dict[str, str], leave_out: Collection[str] = ()
+    ) -> str:
+        """Docker's image format: podman's default (OCI) has no HEALTHCHECK. `leave_out`: see `pip_mounts`."""
+        mounts = pip_mounts(leave_out)
+        args = ["build", "--format=docker", "--network=host", f"--file={dockerfile}", f"--tag={tag}", *mounts]
         args += [f"--build-arg={key}={value}" for key, value in build_args.items()]
         return self.run(*args, str(context), timeout=1500).stdout
 
