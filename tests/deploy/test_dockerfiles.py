@@ -1,6 +1,7 @@
 """Both Dockerfiles pass hadolint with the project's settings (docker/.hadolint.yaml: which rules are left out and
-why). The CUDA image cannot be built here (its base needs a registry), so this is its check; the CPU image is also
-built and run (tests/deploy/test_image.py)."""
+why). Both images are also built and run: the CPU image as it ships (tests/deploy/test_image.py), the CUDA image on a
+local Debian base without flash-attn (tests/deploy/test_cuda_image.py), since its nvidia/cuda bases need a registry;
+hadolint is the only check of those FROM lines and of the flash-attn step."""
 
 from __future__ import annotations
 
