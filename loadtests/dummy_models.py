@@ -1,7 +1,8 @@
 """Models of realistic size with random weights, for benchmarks on a machine that cannot download (the GPU machine):
-the configs of Qwen2.5-0.5B-Instruct, Llama-3.2-1B, Llama-3.2-3B, Llama-3.1-8B and Qwen2.5-7B as published
-(`dummy_configs/`), each made into a model directory with the default model's tokenizer (SmolLM2's 49,152 ids all
-lie inside these vocabularies), and a registry that serves them with `load_format: dummy`.
+the configs of SmolLM2-135M-Instruct (the default model's shapes), Qwen2.5-0.5B-Instruct, Llama-3.2-1B, Llama-3.2-3B,
+Llama-3.1-8B and Qwen2.5-7B as published (`dummy_configs/`), each made into a model directory with the default model's
+tokenizer (SmolLM2's 49,152 ids all lie inside these vocabularies), and a registry that serves them with
+`load_format: dummy`.
 
     python -m loadtests.dummy_models --out /tmp/dummy [--device cuda] [--names llama-3.2-1b ...] [--weights]
 

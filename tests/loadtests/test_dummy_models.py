@@ -17,6 +17,7 @@ from worker.registry import load_registry
 
 # Parameter counts of the published models (their model cards: 0.49B, 1.24B, 3.21B, 8.03B, 7.62B)
 PUBLISHED = {
+    "smollm2-135m": 134_515_008,
     "qwen2.5-0.5b": 494_032_768,
     "llama-3.2-1b": 1_235_814_400,
     "llama-3.2-3b": 3_212_749_824,
