@@ -162,17 +162,47 @@ class Sampler:
         return tokens
 
     def _sample_rows(self, x: torch.Tensor, rows: Sequence[SampleInput]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token and its filtered logit per row. Exponential race: argmax(p / q), q ~ Exp(1), draws from p."""
+        """Token and its filtered logit per row, drawn from the softmax by one uniform number a row."""
         params = [r.params for r in rows]
         x = x / _column([max(p.temperature, _MIN_TEMPERATURE) for p in params], x.device)
         vocab = x.shape[-1]
         if any(0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
             x = filter_logits(x, [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params])
         # One CPU draw per row from that row's generator keeps seeded rows independent of the batch.
-        noise = torch.stack([torch.empty(vocab).exponential_(generator=self._generator_for(r)) for r in rows])
-        noise = to_device(noise.clamp_min_(torch.finfo(torch.float32).tiny), x.device)  # q == 0: p == 0 gives NaN
-        tokens = native.argmax(x.softmax(dim=-1) / noise)
+        uniforms = torch.stack([torch.rand((), dtype=torch.float64, generator=self._generator_for(r)) for r in rows])
+        tokens = inverse_cdf(x.softmax(dim=-1), to_device(uniforms, x.device))
         return tokens, x.gather(1, tokens[:, None])[:, 0]
+
+
+CDF_BLOCK = 1024  # tokens summed together in the first level of `inverse_cdf`
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The token of each row of `probs` [rows, vocab] whose cumulative probability interval holds that row's uniform
+    number in [0, 1): a draw from the row's distribution for one random number, where an exponential race
+    (argmax p / q, q ~ Exp(1)) takes one a token. On 32 rows of SmolLM2's 49,152 tokens the race took 37 ms a step on
+    a CPU, a third of the step's time; this takes about 1 ms.
+
+    The cumulative sum runs in two levels: over the masses of blocks of `CDF_BLOCK` tokens, then over the tokens of
+    the one block a row lands in, both accumulated in float64. One float32 running sum over the vocabulary would
+    round each interval to the spacing of float32 numbers near the running total (6e-8 near 1), a large error for
+    the many tokens less likely than that. A row's number is rescaled from its block's share of the first sum onto
+    the block's own sum, so a block's float32 mass being off by its rounding (1e-7 of it) scales its tokens by as
+    little, the float32 softmax's own precision. A token of probability 0 has an empty interval and is never drawn."""
+    rows, vocab = probs.shape
+    blocks = -(-vocab // CDF_BLOCK)
+    padded = torch.nn.functional.pad(probs, (0, blocks * CDF_BLOCK - vocab)).view(rows, blocks, CDF_BLOCK)
+    mass = padded.sum(dim=-1).double()
+    ends = mass.cumsum(dim=-1)
+    total = ends[:, -1:]
+    target = torch.minimum(uniforms[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    block = torch.searchsorted(ends, target, right=True).clamp_max_(blocks - 1)
+    start = torch.where(block > 0, ends.gather(1, (block - 1).clamp_min(0)), 0.0)
+    inside = padded.gather(1, block[:, :, None].expand(rows, 1, CDF_BLOCK))[:, 0].cumsum(dim=-1, dtype=torch.float64)
+    share = (target - start) / mass.gather(1, block)  # in [0, 1) but for rounding
+    within = torch.minimum(share * inside[:, -1:], torch.nextafter(inside[:, -1:], torch.zeros_like(total)))
+    index = torch.searchsorted(inside, within, right=True).clamp_max_(CDF_BLOCK - 1)
+    return (block * CDF_BLOCK + index)[:, 0].clamp_max_(vocab - 1)  # a row of NaN (nothing left) lands anywhere
 
 
 def _logprobs(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from worker.messages import SamplingParams
-from worker.sampler import SampleInput, Sampler, filter_logits, process_logits
+from worker.sampler import CDF_BLOCK, SampleInput, Sampler, filter_logits, inverse_cdf, process_logits
 
 VOCAB = 64
 
@@ -162,6 +162,58 @@ def test_sampling_frequencies_match_softmax() -> None:
         counts = torch.bincount(torch.tensor(tokens), minlength=4).float() / len(tokens)
         expected = (logits[0] / temperature).softmax(dim=-1)
         assert torch.allclose(counts, expected, atol=0.015), (temperature, counts, expected)
+
+
+def test_draws_across_blocks_follow_the_softmax_by_a_chi_square_test() -> None:
+    """60,000 draws over a vocabulary of three `CDF_BLOCK` blocks, one of them all -inf and every 7th token -inf, at
+    the 0.1% level (Pearson's chi-square over bins of at least 5 expected draws)."""
+    vocab, draws, batch = 3 * CDF_BLOCK - 100, 60_000, 2_000
+    logits = random_logits(1, vocab, seed=3)[0] / 2
+    logits[CDF_BLOCK : 2 * CDF_BLOCK] = -math.inf
+    logits[::7] = -math.inf
+    sampler = Sampler(seed=11)
+    tokens = torch.cat(
+        [
+            torch.tensor(sampler.sample(logits.repeat(batch, 1), [row(temperature=1.0)] * batch).token_ids)
+            for _ in range(draws // batch)
+        ]
+    )
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    expected = logits.double().softmax(dim=-1) * draws
+    assert counts[expected == 0].sum() == 0  # a token of probability 0 is never drawn
+    order = expected.argsort()  # bins: the least likely tokens together until each bin expects 5 draws
+    observed, want, acc_o, acc_e = [], [], 0.0, 0.0
+    for token in order[expected[order] > 0].tolist():
+        acc_o, acc_e = acc_o + counts[token].item(), acc_e + expected[token].item()
+        if acc_e >= 5:
+            observed.append(acc_o)
+            want.append(acc_e)
+            acc_o = acc_e = 0.0
+    bins = torch.tensor(observed), torch.tensor(want)
+    statistic = ((bins[0] - bins[1]) ** 2 / bins[1]).sum()
+    p_value = torch.special.gammaincc(torch.tensor((len(observed) - 1) / 2), statistic / 2).item()
+    assert p_value > 1e-3, (statistic.item(), len(observed), p_value)
+
+
+def test_a_token_far_less_likely_than_float32_spacing_keeps_its_interval() -> None:
+    """A token of probability 1e-9 after one of 0.6 in the same block: one float32 running sum would give it an
+    interval of 0 or 6e-8; here the uniforms that draw it span its probability to within 1%."""
+    probs = torch.zeros(1, 2 * CDF_BLOCK)
+    probs[0, CDF_BLOCK + 10] = 0.6
+    probs[0, CDF_BLOCK + 11] = 1e-9
+    probs[0, CDF_BLOCK + 12] = 0.4 - 1e-9
+    probs[0, 5] = 0.0
+    start = probs[0, : CDF_BLOCK + 11].double().sum().item() / probs.double().sum().item()
+    width = probs[0, CDF_BLOCK + 11].double().item() / probs.double().sum().item()
+
+    def drawn(u: float) -> int:
+        return int(inverse_cdf(probs, torch.tensor([u], dtype=torch.float64)).item())
+
+    assert drawn(start - 0.01 * width) == CDF_BLOCK + 10
+    assert drawn(start + 0.01 * width) == CDF_BLOCK + 11
+    assert drawn(start + 0.99 * width) == CDF_BLOCK + 11
+    assert drawn(start + 1.01 * width) == CDF_BLOCK + 12
+    assert drawn(0.0) == CDF_BLOCK + 10 and drawn(1.0 - 2**-53) == CDF_BLOCK + 12
 
 
 def _run_seeded(batch_of: int, position: int, seed: int, steps: int = 20) -> list[int]:
