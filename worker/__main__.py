@@ -131,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True, help="Unix-domain socket of the API process")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--heartbeat-seconds", type=float, default=1.0, help="period of the liveness heartbeat")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG logs every step's rows, time and prices")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[{args.model}] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format=f"%(asctime)s worker[{args.model}] %(levelname)s %(message)s"
+    )
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(args.socket)

@@ -5,6 +5,7 @@ The API process listens on a Unix-domain socket in a private (0700) directory; t
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -60,6 +61,7 @@ def start_worker(
     listener.listen(1)
     cmd = [sys.executable, "-m", "worker", "--models", str(models), "--model", model, "--socket", str(path)]
     cmd += ["--heartbeat-seconds", str(heartbeat_seconds)]
+    cmd += ["--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel())]  # the API process's
     if cache_dir is not None:
         cmd += ["--cache-dir", str(cache_dir)]
     process = subprocess.Popen(cmd)

@@ -4,6 +4,7 @@ heartbeats, stop it."""
 from __future__ import annotations
 
 import itertools
+import logging
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,3 +109,20 @@ def test_idle_worker_beats_without_using_cpu(worker: WorkerHandle) -> None:
     later = beats[3:]
     share = (later[-1].cpu_seconds - later[0].cpu_seconds) / (later[-1].monotonic - later[0].monotonic)
     assert 0 <= share < MIN_CPU_SHARE / 2, share
+
+
+def test_the_worker_logs_at_the_api_process_level(registry: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """At the API process's DEBUG the worker logs each step's rows, time and prices; at INFO it does not."""
+    root = logging.getLogger()
+    before = root.level
+    for level, wanted in ((logging.DEBUG, True), (logging.INFO, False)):
+        root.setLevel(level)
+        try:
+            handle = start_worker(registry, "tiny", start_timeout=120)
+        finally:
+            root.setLevel(before)
+        transport.send(handle.sock, AddRequest("logged", [5, 6, 7], SamplingParams(max_tokens=3)))
+        read_until(handle.sock, {"logged"})
+        assert handle.close() == 0
+        stepped = "DEBUG step 1: 0 streams + 3 prompt tokens" in capfd.readouterr().err
+        assert stepped is wanted, level
