@@ -43,10 +43,11 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         eos_token_ids: Iterable[int],
-        prompt_budget: Callable[[int], int] | None = None,
+        prompt_budget: Callable[[int, int], int] | None = None,
     ) -> None:
-        """`prompt_budget(decodes)`: the most prompt tokens a step may carry, given how many decoding streams it
-        carries (`worker.step_budget`); None: the whole token budget."""
+        """`prompt_budget(decodes, joining)`: the most prompt tokens a step may carry, given how many decoding streams
+        it carries and how many more requests (part-way through their prompts, or waiting) will decode beside them
+        (`worker.step_budget`); None: the whole token budget."""
         self.block_manager = block_manager
         self.prompt_budget = prompt_budget
         self.max_num_seqs = max_num_seqs
@@ -80,7 +81,9 @@ class Scheduler:
         budget = self._schedule_running(decodes, budget, out)
         # prompt tokens, of running prefills and then of waiting requests, within the prompt budget
         if self.prompt_budget is not None:
-            budget = min(budget, self.prompt_budget(len(out.scheduled)))
+            decoding = len(out.scheduled)
+            joining = min(len(prefills) + len(self.waiting), self.max_num_seqs - decoding)
+            budget = min(budget, self.prompt_budget(decoding, joining))
         budget = self._schedule_running(prefills, budget, out)
         if not out.preempted:
             self._admit(budget, out)

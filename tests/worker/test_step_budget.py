@@ -36,6 +36,9 @@ def test_the_chunk_costs_ratio_times_a_decode_step_of_the_same_streams() -> None
     assert budget.decode_seconds(20) == pytest.approx(0.030)
     assert budget.prompt_tokens(decodes=10) == 80  # 2 x 20 ms / 0.5 ms
     assert budget.prompt_tokens(decodes=20) == 120  # 2 x 30 ms / 0.5 ms: more streams, a longer step to match
+    # requests that wait decode beside the streams once their prompts are in: they count as streams, not the chunk
+    assert budget.prompt_tokens(decodes=10, joining=10) == 120
+    assert budget.prompt_tokens(decodes=0, joining=10) == 2048  # nothing decodes: nothing waits on the step
     budget.observe(prompt_tokens=120, decodes=20, seconds=0.030 + 0.120)  # a mixed step: the streams' share is known
     assert budget.token_seconds == pytest.approx(0.7 * 0.0005 + 0.3 * 0.120 / 120)
     slower = StepBudget(2048, ratio=2.0)  # a model that costs ten times as much a prompt token
@@ -78,10 +81,10 @@ def test_costs_are_moving_averages_and_the_chunk_stays_within_its_bounds() -> No
 
 
 def test_the_scheduler_caps_prompt_tokens_only_in_steps_that_carry_decodes() -> None:
-    caps: list[int] = []
+    caps: list[tuple[int, int]] = []
 
-    def budget(decodes: int) -> int:
-        caps.append(decodes)
+    def budget(decodes: int, joining: int) -> int:
+        caps.append((decodes, joining))
         return 5 if decodes else 64
 
     h = Harness(max_num_batched_tokens=64)
@@ -98,7 +101,8 @@ def test_the_scheduler_caps_prompt_tokens_only_in_steps_that_carry_decodes() -> 
         [("a", 1, True), ("b", 5, True)],  # b caught up: it samples
         [("a", 1, True), ("b", 1, True), ("c", 4, True)],  # b now decodes; c's prompt fits the 5 left
     ]
-    assert caps == [0, 1, 1, 1, 1, 2]
+    # (decoding, joining): b and c wait or prefill beside a, then c beside a and b
+    assert caps == [(0, 1), (1, 2), (1, 2), (1, 2), (1, 2), (2, 1)]
 
 
 @pytest.fixture(scope="module")
