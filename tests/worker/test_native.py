@@ -34,7 +34,7 @@ def reference(
     return torch.stack(out)
 
 
-SHAPES = [(9, 3, 64, 16), (4, 4, 32, 4), (8, 1, 128, 7)]  # heads, KV heads, head dim, block size
+SHAPES = [(9, 3, 64, 16), (4, 4, 32, 4), (8, 1, 128, 7), (8, 2, 64, 40)]  # heads, KV heads, head dim, block size
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
