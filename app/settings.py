@@ -86,8 +86,9 @@ class Settings(BaseSettings):
     prefill_chunk_ratio: Annotated[float | None, _registry_flag("prefill_chunk_ratio")] = Field(
         default=None,
         ge=0,
-        description="while requests decode, a step's prompt tokens may cost this many decode-only steps, so streams "
-        "keep flowing during a long prefill; 0: prompts fill the token budget",
+        description="while requests decode, a step's prompt tokens may cost this many decode-only steps of every "
+        "request present (waiting ones included), so streams keep flowing during a long prefill; 0: prompts fill "
+        "the token budget",
     )
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="largest request body, in bytes; past it: 413"
