@@ -98,23 +98,59 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SampleInput]) -> torch.T
     return x
 
 
+CANDIDATES = 256  # the most likely tokens a row's filters are first tried on, before a sort of the whole row
+
+
 def filter_logits(
     logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float], min_p: Sequence[float]
 ) -> torch.Tensor:
-    """Per-row top_k (<= 0: off), then top_p, then min_p, as -inf in a new tensor. One sort serves all three; the
-    most likely token always survives, so a row with any finite logit keeps at least one."""
+    """Per-row top_k (<= 0: off), then top_p, then min_p, as -inf in a new tensor; the most likely token always
+    survives, so a row with any finite logit keeps at least one.
+
+    One sort serves all three: of the `CANDIDATES` most likely tokens where every filtering row drops the next one
+    (so all it keeps lie among them), else of the whole vocabulary. A sort of 32 rows of 49,152 tokens took 64 ms (231
+    ms at 151,936), more than the decode step it served; the candidates take 3-5 ms."""
     vocab, device = logits.shape[-1], logits.device
-    k = to_device(torch.tensor([v if 0 < v < vocab else vocab for v in top_k]), device)
+    ks = [v if 0 < v < vocab else vocab for v in top_k]
+    if vocab > CANDIDATES + 1 and all(k <= CANDIDATES or k == vocab for k in ks):
+        values, order = logits.topk(CANDIDATES + 1, dim=-1)
+        k = to_device(torch.tensor(ks), device)
+        cut = torch.arange(CANDIDATES + 1, device=device)[None, :] >= k[:, None]
+        # each row's probabilities are over its top_k tokens where it has a top_k, else over the whole vocabulary
+        within = values.masked_fill(cut, _NEG_INF).logsumexp(dim=-1)
+        log_total = torch.where(k < vocab, within, logits.logsumexp(dim=-1)) if vocab in ks else within
+        remove = _filtered(values, cut, top_p, min_p, log_total)
+        plain = [k == vocab and p >= 1.0 and m <= 0.0 for k, p, m in zip(ks, top_p, min_p, strict=True)]
+        beyond = remove[:, CANDIDATES] | (values[:, CANDIDATES] == _NEG_INF)  # nothing past the candidates stays
+        if bool((beyond | to_device(torch.tensor(plain), device)).all()):
+            kept = values[:, :CANDIDATES].masked_fill(remove[:, :CANDIDATES], _NEG_INF)
+            out = torch.full_like(logits, _NEG_INF).scatter_(-1, order[:, :CANDIDATES], kept)
+            return torch.where(to_device(torch.tensor(plain), device)[:, None], logits, out) if any(plain) else out
+    values, order = logits.sort(dim=-1, descending=True)
+    k = to_device(torch.tensor(ks), device)
+    cut = torch.arange(vocab, device=device)[None, :] >= k[:, None]
+    remove = _filtered(values, cut, top_p, min_p, None)
+    return torch.empty_like(logits).scatter_(-1, order, values.masked_fill_(remove, _NEG_INF))
+
+
+def _filtered(
+    values: torch.Tensor,
+    cut: torch.Tensor,
+    top_p: Sequence[float],
+    min_p: Sequence[float],
+    log_total: torch.Tensor | None,
+) -> torch.Tensor:
+    """Which of each row's tokens, sorted most likely first (`values`), its filters drop: those `cut` by top_k, then
+    by top_p and min_p over the probabilities the top_k leaves (`log_total`: their log normalizer; None: `values`
+    is the whole row)."""
+    device = values.device
     # top_p == 1 means off; float rounding in the cumulative sum would otherwise clip the far tail.
     p = _column([v if v < 1.0 else math.inf for v in top_p], device)
-    values, order = logits.sort(dim=-1, descending=True)
-    remove = torch.arange(vocab, device=device)[None, :] >= k[:, None]
-    values = values.masked_fill(remove, _NEG_INF)
-    probs = values.softmax(dim=-1)
-    remove |= (probs.cumsum(dim=-1) - probs) > p
+    masked = values.masked_fill(cut, _NEG_INF)
+    probs = masked.softmax(dim=-1) if log_total is None else (masked - log_total[:, None]).exp()
+    remove = cut | ((probs.cumsum(dim=-1) - probs) > p)
     # min_p compares with the most likely token; the ratio does not change when top_k/top_p renormalize.
-    remove |= probs < _column(min_p, device) * probs[:, :1]
-    return torch.empty_like(logits).scatter_(-1, order, values.masked_fill_(remove, _NEG_INF))
+    return remove | (probs < _column(min_p, device) * probs[:, :1])
 
 
 class Sampler:

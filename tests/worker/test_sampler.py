@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from worker import sampler as sampler_module
 from worker.messages import SamplingParams
 from worker.sampler import CDF_BLOCK, SampleInput, Sampler, filter_logits, inverse_cdf, process_logits
 
@@ -147,6 +148,48 @@ def test_top_p_and_min_p_filters() -> None:
     kept = torch.isfinite(out).tolist()
     assert kept == [[True, True, False, False], [True, True, True, False], [True, True, True, False]]
     assert torch.equal(out[torch.isfinite(out)], logits[torch.isfinite(out)])
+
+
+def _filter_cases(vocab: int) -> tuple[torch.Tensor, list[int], list[float], list[float]]:
+    """Rows of every kind: peaked (its top_p mass within the candidates) and flat, top_k, min_p, a row with no filter,
+    a row with nothing left and one with ten finite logits."""
+    logits = random_logits(8, vocab, seed=5)
+    logits[0] *= 4  # peaked: top_p 0.9 is reached within a few dozen tokens
+    logits[1] *= 0.05  # nearly flat: top_p 0.9 needs most of the vocabulary
+    logits[6] = -math.inf
+    logits[7, 10:] = -math.inf
+    top_k = [0, 0, 5, 0, 0, 0, 0, 0]
+    top_p = [0.9, 0.9, 1.0, 0.5, 1.0, 1.0, 0.9, 0.9]
+    min_p = [0.0, 0.0, 0.0, 0.0, 0.05, 0.0, 0.0, 0.0]
+    return logits, top_k, top_p, min_p
+
+
+@pytest.mark.parametrize("rows", [[0, 2, 3, 4, 5, 7], [0, 1, 2, 3, 4, 5, 6, 7]])
+def test_filters_over_the_candidates_equal_a_sort_of_the_whole_row(
+    rows: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where every filtering row keeps only tokens among the candidates (the first set), they alone are sorted; where
+    one does not (the flat row, the dead row), the whole rows are. Either way the result is the full sort's."""
+    vocab = 4 * CDF_BLOCK
+    all_logits, all_k, all_p, all_min_p = _filter_cases(vocab)
+    logits = all_logits[rows]
+    top_k, top_p, min_p = [all_k[i] for i in rows], [all_p[i] for i in rows], [all_min_p[i] for i in rows]
+    sorted_widths: list[int] = []
+    real = sampler_module._filtered
+
+    def spy(values: torch.Tensor, *args: Any) -> torch.Tensor:
+        sorted_widths.append(values.shape[-1])
+        return real(values, *args)
+
+    monkeypatch.setattr(sampler_module, "_filtered", spy)
+    got = filter_logits(logits, top_k, top_p, min_p)
+    fast = sorted_widths == [sampler_module.CANDIDATES + 1]
+    assert fast == (rows == [0, 2, 3, 4, 5, 7]), sorted_widths
+    monkeypatch.setattr(sampler_module, "CANDIDATES", vocab)  # no candidates: the whole rows are sorted
+    want = filter_logits(logits, top_k, top_p, min_p)
+    assert torch.equal(got.isinf(), want.isinf())
+    assert torch.equal(got[~got.isinf()], want[~want.isinf()])
+    assert 0 < int((~got[0].isinf()).sum()) < sampler_module.CANDIDATES  # the peaked row's top_p did cut
 
 
 def test_min_p_sampling_never_picks_filtered_tokens() -> None:
