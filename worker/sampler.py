@@ -112,23 +112,22 @@ def filter_logits(
     ms at 151,936), more than the decode step it served; the candidates take 3-5 ms. On a CPU only."""
     vocab, device = logits.shape[-1], logits.device
     ks = [v if 0 < v < vocab else vocab for v in top_k]
+    k = to_device(torch.tensor(ks), device)
     # on a device, whether the candidates suffice would be a host sync before the tokens' own: a device sorts fast
-    if device.type == "cpu" and vocab > CANDIDATES + 1 and all(k <= CANDIDATES or k == vocab for k in ks):
+    if device.type == "cpu" and vocab > CANDIDATES + 1 and all(n <= CANDIDATES or n == vocab for n in ks):
         values, order = logits.topk(CANDIDATES + 1, dim=-1)
-        k = to_device(torch.tensor(ks), device)
-        cut = torch.arange(CANDIDATES + 1, device=device)[None, :] >= k[:, None]
+        cut = torch.arange(CANDIDATES + 1)[None, :] >= k[:, None]
         # each row's probabilities are over its top_k tokens where it has a top_k, else over the whole vocabulary
         within = values.masked_fill(cut, _NEG_INF).logsumexp(dim=-1)
         log_total = torch.where(k < vocab, within, logits.logsumexp(dim=-1)) if vocab in ks else within
         remove = _filtered(values, cut, top_p, min_p, log_total)
-        plain = [k == vocab and p >= 1.0 and m <= 0.0 for k, p, m in zip(ks, top_p, min_p, strict=True)]
+        plain = torch.tensor([n == vocab and p >= 1.0 and m <= 0.0 for n, p, m in zip(ks, top_p, min_p, strict=True)])
         beyond = remove[:, CANDIDATES] | (values[:, CANDIDATES] == _NEG_INF)  # nothing past the candidates stays
-        if bool((beyond | to_device(torch.tensor(plain), device)).all()):
+        if bool((beyond | plain).all()):
             kept = values[:, :CANDIDATES].masked_fill(remove[:, :CANDIDATES], _NEG_INF)
             out = torch.full_like(logits, _NEG_INF).scatter_(-1, order[:, :CANDIDATES], kept)
-            return torch.where(to_device(torch.tensor(plain), device)[:, None], logits, out) if any(plain) else out
+            return torch.where(plain[:, None], logits, out) if bool(plain.any()) else out
     values, order = logits.sort(dim=-1, descending=True)
-    k = to_device(torch.tensor(ks), device)
     cut = torch.arange(vocab, device=device)[None, :] >= k[:, None]
     remove = _filtered(values, cut, top_p, min_p, None)
     return torch.empty_like(logits).scatter_(-1, order, values.masked_fill_(remove, _NEG_INF))
