@@ -1,6 +1,8 @@
-"""Turns a models.yaml entry into a ready model and tokenizer, from a HF directory, a hub id, a GGUF or package file.
+"""Turns a models.yaml entry into a ready model and tokenizer, from a HF directory, a hub id, a GGUF or zip file, or
+a file inside an installed package.
 
-GGUF files are dequantized once into a safetensors cache, because converting them costs tens of seconds every start.
+GGUF files are dequantized once into a safetensors cache, because converting them costs tens of seconds every start;
+a zip (a model directory packed into a package) is unpacked once into the cache too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import re
 import shutil
 import tempfile
 import time
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +26,7 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
@@ -120,6 +125,9 @@ def load_model(entry: ModelEntry, cache_dir: Path | None = None) -> LoadedModel:
     source, local = _locate(entry)
     gguf_file = local if local is not None and local.suffix == ".gguf" else None
     converted, how = False, "hub" if local is None else "local directory"
+    if local is not None and local.suffix == ".zip":
+        local, converted = _unpacked(local, cache_dir or default_cache_dir())
+        how = "unpacked zip" if converted else "cached zip unpacking"
     if gguf_file is not None:
         # Stored in the dtype served when nothing else is applied on top: loading float32 weights to cast them held
         # both copies at once, the worker's peak RSS (1290 MiB against 1194 MiB serving 64 streams).
@@ -134,17 +142,18 @@ def load_model(entry: ModelEntry, cache_dir: Path | None = None) -> LoadedModel:
         how = f"LoRA merged into {how}" if merged_now else f"cached LoRA merge of {how}"
 
     remote = entry.trust_remote_code
+    auto_model = AutoModel if entry.task == "embed" else AutoModelForCausalLM  # embed: the hidden states, no head
     tokenizer = AutoTokenizer.from_pretrained(where, revision=revision, trust_remote_code=remote)
     if entry.load_format == "dummy":
         config = AutoConfig.from_pretrained(where, revision=revision, trust_remote_code=remote)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=remote)  # type: ignore[no-untyped-call]
+        model = auto_model.from_config(config, dtype=dtype, trust_remote_code=remote)  # type: ignore[no-untyped-call]
         with contextlib.suppress(OSError):  # without generation_config.json, keep the one derived from the config
             model.generation_config = GenerationConfig.from_pretrained(where, revision=revision)
         how = f"dummy weights, config of {how}"
     else:
         if local is not None and not entry.trust_pickle:
             check_safetensors(entry, local, "add them, or set load_format: dummy")
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_model.from_pretrained(
             where,
             revision=revision,
             dtype=dtype,
@@ -202,8 +211,10 @@ def _locate(entry: ModelEntry) -> tuple[str, Path | None]:
             raise FileNotFoundError(f"model '{entry.name}': {path} has no config.json, so it is no model directory")
         return source, path.resolve()
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise ValueError(f"model '{entry.name}': {path} is a file but not a .gguf; give a directory or a .gguf")
+        if path.suffix not in (".gguf", ".zip"):
+            raise ValueError(
+                f"model '{entry.name}': {path} is a file but not a .gguf or .zip; give a directory or such a file"
+            )
         return source, path.resolve()
     looks_local = source.startswith((".", "~")) or path.suffix == ".gguf" or not _HUB_ID.match(source)
     if entry.source.startswith(PACKAGE_PREFIX) or looks_local:
@@ -217,14 +228,8 @@ def _gguf_cache(gguf: Path, cache_root: Path, dtype: torch.dtype = torch.float32
     identity = f"{_CACHE_FORMAT}\0{gguf}\0{stat.st_size}\0{stat.st_mtime_ns}"
     if dtype != torch.float32:
         identity += f"\0{dtype}"
-    target = cache_root / "gguf" / hashlib.sha256(identity.encode()).hexdigest()[:16]
-    if (target / "config.json").is_file():
-        return target, False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    logger.info("converting %s to safetensors in %s (once; later starts reuse it)", gguf, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+
+    def convert(tmp: Path) -> None:
         # Dequantized to float32, then rounded once to `dtype`: the same values a cast at load time gives.
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
@@ -235,16 +240,54 @@ def _gguf_cache(gguf: Path, cache_root: Path, dtype: torch.dtype = torch.float32
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
         origin = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         (tmp / "tokenmill_source.json").write_text(json.dumps(origin, indent=2) + "\n")
+
+    return _built_once(cache_root / "gguf", identity, gguf, ("converting", "converted"), convert)
+
+
+def _unpacked(archive: Path, cache_root: Path) -> tuple[Path, bool]:
+    """The model directory a zip holds (at its top, or in its one top-level folder), unpacked once into the cache,
+    and whether this call unpacked it. zipfile drops absolute paths and '..' from member names."""
+    stat = archive.stat()
+    identity = f"{_CACHE_FORMAT}\0{archive}\0{stat.st_size}\0{stat.st_mtime_ns}"
+
+    def unpack(tmp: Path) -> None:
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp)
+        if not (tmp / "config.json").is_file():
+            inner = [d for d in tmp.iterdir() if d.is_dir() and (d / "config.json").is_file()]
+            if len(inner) != 1:
+                raise FileNotFoundError(f"{archive} holds no model directory (no config.json at its top)")
+            for item in list(inner[0].iterdir()):
+                item.rename(tmp / item.name)
+
+    return _built_once(cache_root / "unpacked", identity, archive, ("unpacking", "unpacked"), unpack)
+
+
+def _built_once(
+    root: Path, identity: str, source: Path, verbs: tuple[str, str], build: Callable[[Path], None]
+) -> tuple[Path, bool]:
+    """The cache directory under `root` named by `identity`, made by `build` into a temporary directory renamed into
+    place (so it is complete or absent) if it is not there; and whether this call made it. `verbs`: what the log
+    says is happening, and has happened."""
+    target = root / hashlib.sha256(identity.encode()).hexdigest()[:16]
+    if (target / "config.json").is_file():
+        return target, False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    logger.info("%s %s into %s (once; later starts reuse it)", verbs[0], source, target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
         try:
             os.rename(tmp, target)  # atomic: the cache directory is complete or absent
         except OSError as exc:
             if not (target / "config.json").is_file():
-                raise OSError(f"{target} exists but is no complete conversion; remove it and retry") from exc
-            logger.info("another process converted %s first; using its cache", gguf)
+                raise OSError(f"{target} exists but is not complete; remove it and retry") from exc
+            logger.info("another process made %s first; using it", target)
             return target, False
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("converted %s in %.1fs", gguf, time.perf_counter() - start)
+    logger.info("%s %s in %.1fs", verbs[1], source, time.perf_counter() - start)
     return target, True
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,24 @@ def test_gguf_cache_is_kept_in_the_served_dtype(tmp_path: Path) -> None:
         assert torch.equal(a.to(torch.bfloat16), b), name
     # Quantized and LoRA entries (and the benchmark's peers) keep reading the float32 conversion.
     assert loader._gguf_cache(Path(resolve_source(DEFAULT_SOURCE)), tmp_path)[0] == wide.weights_path
+
+
+def test_a_zip_source_is_unpacked_once_into_the_cache(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A model directory packed in a zip (as a package ships it), at the top or in one folder, loads from the cache."""
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for file in tiny_llama_dir.iterdir():
+            zf.write(file, f"tiny/{file.name}")
+    cache = tmp_path / "cache"
+    first = load_model(tiny_entry(archive), cache_dir=cache)
+    assert first.converted and first.weights_path.parent == cache / "unpacked"
+    assert (first.weights_path / "config.json").is_file()
+    assert [p.name for p in (cache / "unpacked").iterdir()] == [first.weights_path.name]  # no temp dir left behind
+    second = load_model(tiny_entry(archive), cache_dir=cache)
+    assert not second.converted and second.weights_path == first.weights_path
+
+    empty = tmp_path / "empty.zip"
+    with zipfile.ZipFile(empty, "w") as zf:
+        zf.writestr("README", "no model here")
+    with pytest.raises(FileNotFoundError, match="holds no model directory"):
+        load_model(tiny_entry(empty), cache_dir=cache)
