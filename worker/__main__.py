@@ -21,6 +21,7 @@ from pathlib import Path
 import msgspec
 
 from worker import faults, transport
+from worker.embed.engine import EmbedEngine
 from worker.engine import Engine
 from worker.loader import load_model
 from worker.messages import (
@@ -56,7 +57,7 @@ class StepClock:
 
 
 def _heartbeat(
-    sender: transport.Sender, engine: Engine, clock: StepClock, period: float, stop: threading.Event
+    sender: transport.Sender, engine: Engine | EmbedEngine, clock: StepClock, period: float, stop: threading.Event
 ) -> None:
     try:
         while not stop.wait(period):
@@ -68,7 +69,10 @@ def _heartbeat(
 
 
 def serve(
-    sock: socket.socket, engine: Engine, heartbeat_seconds: float = 1.0, governor: ThreadGovernor | None = None
+    sock: socket.socket,
+    engine: Engine | EmbedEngine,
+    heartbeat_seconds: float = 1.0,
+    governor: ThreadGovernor | None = None,
 ) -> None:
     """`governor`: adapts torch's threads to the cores other processes leave free (None: the count stays)."""
     sender = transport.Sender(sock)  # the loop and the heartbeat thread both write frames
@@ -87,7 +91,7 @@ def serve(
 def _loop(
     sender: transport.Sender,
     inbox: queue.Queue[ToWorker | None],
-    engine: Engine,
+    engine: Engine | EmbedEngine,
     clock: StepClock,
     governor: ThreadGovernor | None,
 ) -> None:
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         entry = load_registry(args.models).get(args.model)
         configure_threads(entry.threads)
         loaded = load_model(entry, Path(args.cache_dir) if args.cache_dir else None)
-        engine = Engine.from_loaded(loaded, entry)
+        engine = (EmbedEngine if entry.task == "embed" else Engine).from_loaded(loaded, entry)
         if os.environ.get(faults.ENV):
             log.warning("test fault injection is on: %s", os.environ[faults.ENV])
             engine.fault_hook = faults.fault_hook(os.environ[faults.ENV])

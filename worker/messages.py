@@ -158,6 +158,7 @@ class RequestOutput(msgspec.Struct, omit_defaults=True):
     error: str | None = None
     error_code: str | None = None  # "invalid_request" (with error_param), "model_error" or "out_of_memory"
     error_param: str | None = None
+    embedding: bytes | None = None  # an embed model's vector: float32, little-endian (what OpenAI's base64 encodes)
 
     @classmethod
     def refused(cls, request_id: str, exc: InvalidRequest) -> RequestOutput:
@@ -202,6 +203,11 @@ class ModelInfo(msgspec.Struct, tag=True):
     tokenizer_dir: str  # where the API process reads tokenizer.json and the chat template
     native_kernels: bool | None = None  # the C kernels serve this CPU model (None: not on a CPU)
     native_kernels_reason: str = ""  # why they do not: the torch paths run, about half as fast
+    task: str = "generate"  # "generate" | "embed": which endpoints the model answers
+    embedding_size: int = 0  # embed: the length of the model's vectors
+    embedding_normalized: bool = False  # embed: vectors have unit length (a shortened one is scaled back to it)
+    # embed: the sizes a request's `dimensions` may take besides the full one; None: none; []: any smaller size
+    matryoshka_dimensions: list[int] | None = None
 
 
 class WorkerError(msgspec.Struct, tag=True):

@@ -108,6 +108,14 @@ class ModelEntry(BaseModel):
     seed: int = 0
     trust_remote_code: bool = False  # run Python code shipped with a hub model (off: only transformers' own models)
     trust_pickle: bool = False  # load .bin / pickle weights (unpickling can run code; off: safetensors only)
+    # embed: the entry answers /v1/embeddings (no KV cache, no decoding); generate: chat and completions
+    task: Literal["generate", "embed"] = "generate"
+    # embed: how token vectors become one; auto: the sentence-transformers config's mode, else the last token's
+    pooling: Literal["auto", "mean", "cls", "last"] = "auto"
+    normalize: bool | None = None  # embed: unit-length vectors; unset: as sentence-transformers' config says, else on
+    # embed: the sizes a request's `dimensions` may ask for (Matryoshka); unset: the model config's
+    # matryoshka_dimensions, any size where it says is_matryoshka, else only the model's own size
+    matryoshka_dimensions: list[int] | None = None
 
     @field_validator("kv_cache_memory", mode="before")
     @classmethod
@@ -138,6 +146,17 @@ class ModelEntry(BaseModel):
                     "quantization: gguf computes in float32 with the file's weights as they are: no lora, "
                     "and dtype auto or float32"
                 )
+        if self.task == "embed" and (self.quantization != "none" or self.lora is not None):
+            raise ValueError("an embed entry computes with plain weights: quantization none and no lora")
+        embed_only = {"pooling": self.pooling != "auto", "normalize": self.normalize is not None}
+        embed_only["matryoshka_dimensions"] = self.matryoshka_dimensions is not None
+        for key, set_here in embed_only.items():
+            if set_here and self.task != "embed":
+                raise ValueError(f"{key} applies to embedding models only; set task: embed, or remove {key}")
+        if self.matryoshka_dimensions is not None and (
+            not self.matryoshka_dimensions or min(self.matryoshka_dimensions) < 1
+        ):
+            raise ValueError("matryoshka_dimensions lists the sizes a request may ask for: positive integers")
         if self.keep_alive is not None and self.load != "lazy":
             raise ValueError("keep_alive applies to lazy models only; set load: lazy, or remove keep_alive")
         return self

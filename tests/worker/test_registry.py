@@ -145,3 +145,15 @@ def test_gpu_memory_utilization_is_a_share(tmp_path: Path) -> None:
     for bad in (0, 1.5, -0.2):
         message = error_of(write(tmp_path, [{"name": "s", "source": "/x", "gpu_memory_utilization": bad}]))
         assert "field 'gpu_memory_utilization'" in message
+
+
+def test_embed_entries_and_their_fields(tmp_path: Path) -> None:
+    entry = load_registry(write(tmp_path, [{"name": "e", "source": "/x", "task": "embed", "pooling": "cls"}])).models[0]
+    assert (entry.task, entry.pooling, entry.normalize, entry.matryoshka_dimensions) == ("embed", "cls", None, None)
+    message = error_of(write(tmp_path, [{"name": "g", "source": "/x", "pooling": "mean"}]))
+    assert "pooling applies to embedding models only; set task: embed" in message
+    message = error_of(write(tmp_path, [{"name": "e", "source": "/x.gguf", "task": "embed", "quantization": "gguf"}]))
+    assert "an embed entry computes with plain weights" in message
+    bad = [{"name": "e", "source": "/x", "task": "embed", "matryoshka_dimensions": [0, 64]}]
+    assert "positive integers" in error_of(write(tmp_path, bad))
+    assert "field 'task'" in error_of(write(tmp_path, [{"name": "e", "source": "/x", "task": "rerank"}]))
