@@ -69,6 +69,10 @@ class Tokenizer:
     def from_dir(cls, path: str | Path, chat_template_file: str | Path | None = None) -> Tokenizer:
         path = Path(path)
         fast = FastTokenizer.from_file(str(path / "tokenizer.json"))
+        # A tokenizer.json may carry the padding and truncation it was trained with (all-MiniLM-L6-v2's pads every
+        # text to 128 tokens); transformers turns both off and pads itself, and so does this.
+        fast.no_padding()
+        fast.no_truncation()
         config_path = path / "tokenizer_config.json"
         config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.exists() else {}
         template: str | None = None
@@ -93,6 +97,19 @@ class Tokenizer:
         if not texts:
             return []
         return [list(e.ids) for e in self.fast.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def encode_truncated(self, texts: list[str], max_tokens: int) -> list[list[int]]:
+        """Each text with the tokenizer's special tokens, longer ones cut to their last `max_tokens` tokens with the
+        special tokens kept (vLLM's `truncate_prompt_tokens`): the text's tokens are cut, then the special tokens
+        added, as transformers' truncation does."""
+        if not texts:
+            return []
+        keep = max(1, max_tokens - self.fast.num_special_tokens_to_add(is_pair=False))
+        out = []
+        for encoding in self.fast.encode_batch(texts, add_special_tokens=False):
+            encoding.truncate(keep, direction="left")
+            out.append(list(self.fast.post_process(encoding, add_special_tokens=True).ids))
+        return out
 
     def decode(
         self, token_ids: list[int], skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool = False
