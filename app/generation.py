@@ -41,6 +41,7 @@ class Choice:
     first_token_at: float | None = None
     last_token_at: float | None = None
     queue_seconds: float | None = None
+    embedding: bytes | None = None  # an embed model's vector (float32, little-endian)
     started: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -185,6 +186,8 @@ class Generation:
                 self.metrics.itl.labels(self.served.name).observe(now - choice.last_token_at)
             choice.last_token_at = now
         choice.token_ids.extend(item.new_token_ids)
+        if item.embedding is not None:
+            choice.embedding, choice.queue_seconds = item.embedding, item.queue_seconds
         if item.logprobs:
             choice.logprobs.extend(item.logprobs)
         text = choice.detok.push(item.new_token_ids)

@@ -64,6 +64,9 @@ class Metrics:
         self.request_generation = Histogram(
             "tokenmill_request_generation_tokens", "Generated tokens per request.", m, buckets=TOKEN_BUCKETS, registry=r
         )
+        self.embedding_inputs = Counter(
+            "tokenmill_embedding_inputs", "Inputs embedded (their tokens count as prompt tokens).", m, registry=r
+        )
         self.iteration_tokens = Histogram(
             "tokenmill_iteration_tokens", "Tokens per engine step.", m, buckets=TOKEN_BUCKETS, registry=r
         )
@@ -73,6 +76,7 @@ class Metrics:
         """Create every labelled series at zero, so dashboards see each model before its first request."""
         for family in (self.running, self.waiting, self.kv_usage, self.prompt_tokens, self.generation_tokens):
             family.labels(model)
+        self.embedding_inputs.labels(model)
         for family in (self.preemptions, self.prefix_queries, self.prefix_hits, self.grammar_mask, self.grammar_wait):
             family.labels(model)
         for histogram in (

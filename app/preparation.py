@@ -51,7 +51,8 @@ async def completion_prompts(tokenizer: Tokenizer, prompts: list[str | list[int]
 
 
 class _PromptProbe(msgspec.Struct):
-    prompt: msgspec.Raw = msgspec.Raw(b"")
+    prompt: msgspec.Raw = msgspec.Raw(b"")  # /v1/completions
+    input: msgspec.Raw = msgspec.Raw(b"")  # /v1/embeddings
 
 
 _JSON = json.JSONDecoder()
@@ -59,14 +60,16 @@ _SPACE = re.compile(r"[ \t\n\r]*")
 
 
 def count_prompts(body: bytes, limit: int) -> int | None:
-    """How many prompts a /v1/completions body batches, counting no further than `limit` + 1, before the body is
-    validated: a 4 MiB body holds a million prompts, and building them all would hold the event loop for about a
-    second. None: no batch (a string, a list of ids) or not JSON, which validation then reports.
+    """How many prompts a /v1/completions body batches (or inputs a /v1/embeddings body), counting no further than
+    `limit` + 1, before the body is validated: a 4 MiB body holds a million prompts, and building them all would
+    hold the event loop for about a second. None: no batch (a string, a list of ids) or not JSON, which validation
+    then reports.
 
     msgspec checks the JSON and finds the prompt without building anything; then the batch's first prompts are
     decoded one by one, and the count stops past the limit."""
     try:
-        text = bytes(msgspec.json.decode(body, type=_PromptProbe).prompt).decode()
+        probe = msgspec.json.decode(body, type=_PromptProbe)
+        text = bytes(probe.prompt or probe.input).decode()
     except (msgspec.MsgspecError, UnicodeDecodeError):
         return None
     if not text.startswith("["):
@@ -88,7 +91,8 @@ def _skip_space(text: str, index: int) -> int:
     return match.end() if match else index
 
 
-def too_many_prompts(cap: int, count: int | None = None) -> APIError:
-    batch = f"a batch of {count} prompts" if count is not None else f"a batch of more than {cap} prompts"
-    message = f"prompt is {batch}; at most {cap} are accepted in one request"
-    return APIError.invalid_request(message, param="prompt", code="too_many_prompts")
+def too_many_prompts(cap: int, count: int | None = None, param: str = "prompt") -> APIError:
+    """`param`: prompt (completions) or input (embeddings)."""
+    batch = f"a batch of {count} {param}s" if count is not None else f"a batch of more than {cap} {param}s"
+    message = f"{param} is {batch}; at most {cap} are accepted in one request"
+    return APIError.invalid_request(message, param=param, code="too_many_prompts")

@@ -89,6 +89,16 @@ def _check_stop(value: Any) -> Any:
 
 
 def _check_prompt(value: Any) -> Any:
+    return _texts_or_token_ids(value, "prompt")
+
+
+def _check_input(value: Any) -> Any:
+    if value == "" or (isinstance(value, list) and "" in value):
+        raise invalid("", "'input' must not be an empty string")
+    return _texts_or_token_ids(value, "input")
+
+
+def _texts_or_token_ids(value: Any, name: str) -> Any:
     if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(i, str) for i in value)):
         return value
     if isinstance(value, list) and value and all(_is_token_ids(item) for item in value):
@@ -97,8 +107,8 @@ def _check_prompt(value: Any) -> Any:
         return value
     raise invalid(
         "",
-        "'prompt' must be a string, a list of strings, a non-empty list of token ids or a list of non-empty lists of"
-        " token ids",
+        f"'{name}' must be a string, a list of strings, a non-empty list of token ids or a list of non-empty lists "
+        "of token ids",
     )
 
 
@@ -112,6 +122,7 @@ def _is_token_ids(value: Any) -> bool:
 
 Stop = Annotated[str | list[str] | None, BeforeValidator(_check_stop)]
 Prompt = Annotated[str | list[str] | list[int] | list[list[int]], BeforeValidator(_check_prompt)]
+EmbeddingInput = Annotated[str | list[str] | list[int] | list[list[int]], BeforeValidator(_check_input)]
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
@@ -434,11 +445,7 @@ class CompletionRequest(_SamplingRequest):
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a batch: one string or list of token ids per prompt."""
-        if isinstance(self.prompt, str):
-            return [self.prompt]
-        if isinstance(self.prompt[0], int):
-            return [[item for item in self.prompt if isinstance(item, int)]]
-        return [item for item in self.prompt if not isinstance(item, int)]
+        return _as_batch(self.prompt)
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """`default_max_tokens` applies when the request sends max_tokens: null (absent means OpenAI's 16)."""
@@ -474,3 +481,35 @@ class TokenizeRequest(_Body):
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[Annotated[int, Field(ge=0)]]
+
+
+class EmbeddingRequest(_Body):
+    """POST /v1/embeddings: one vector per input (a string, a list of them, token ids, or lists of token ids)."""
+
+    model: str
+    input: EmbeddingInput
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)  # shorter vectors, where the model is trained for them
+    user: str | None = None
+    # vLLM's: an input longer than this keeps its last k tokens (special tokens kept); -1: the model's limit
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _not_zero(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise invalid("", "'truncate_prompt_tokens' must be positive, or -1 for the model's limit")
+        return value
+
+    def inputs(self) -> list[str | list[int]]:
+        """The input as a batch: one string or list of token ids per vector."""
+        return _as_batch(self.input)
+
+
+def _as_batch(value: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """A prompt or input field as a batch: one string or list of token ids per item."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value[0], int):
+        return [[item for item in value if isinstance(item, int)]]
+    return [item for item in value if not isinstance(item, int)]

@@ -225,7 +225,8 @@ class ModelCard(_Response):
     owned_by: str = "tokenmill"
     root: str | None = None  # vLLM's extension: the served model an alias points to (itself otherwise)
     max_model_len: int | None = None  # vLLM's extension
-    state: Literal["loaded", "loading", "unloaded", "failed"] | None = None  # ours, like the three below
+    state: Literal["loaded", "loading", "unloaded", "failed"] | None = None  # ours, like the four below
+    task: Literal["generate", "embed"] | None = None  # the endpoints it answers: chat and completions, or embeddings
     quantization: str | None = None
     lora: str | None = None
     native_kernels: bool | None = None  # a CPU model: whether the C kernels serve it; if not, why
@@ -257,3 +258,21 @@ class ErrorDetail(_Response):
 
 class ErrorResponse(_Response):
     error: ErrorDetail
+
+
+class EmbeddingUsage(_Response):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingData(_Response):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # a base64 string of little-endian float32 values for encoding_format base64
+
+
+class EmbeddingResponse(_Response):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage

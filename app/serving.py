@@ -1,5 +1,5 @@
-"""Chat and text completions: template and tokenize, validate against the context, admit, run, and answer as one
-JSON body or as SSE chunks built from the protocol models.
+"""Chat and text completions, and embeddings: template and tokenize, validate against the context, admit, run, and
+answer as one JSON body or as SSE chunks built from the protocol models.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import msgspec
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from app.embeddings import check_dimensions, input_token_ids, vector
 from app.errors import APIError
 from app.generation import Delta, Generation, GenerationStream, cancel_on_disconnect
 from app.grammar_check import GrammarCheck
@@ -19,7 +20,7 @@ from app.logprobs import chat_logprobs, completion_logprobs
 from app.metrics import Metrics
 from app.model_pool import ModelPool, ServedModel
 from app.preparation import chat_prompt, completion_prompts, too_many_prompts
-from app.protocol import ChatCompletionRequest, CompletionRequest
+from app.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from app.protocol_responses import (
     ChatChoice,
     ChatChunkChoice,
@@ -29,6 +30,9 @@ from app.protocol_responses import (
     ChatResponseMessage,
     CompletionChoice,
     CompletionResponse,
+    EmbeddingData,
+    EmbeddingResponse,
+    EmbeddingUsage,
     TextEvents,
     Usage,
     new_id,
@@ -50,10 +54,15 @@ class Serving:
         self.settings = settings
         self.grammar_check = GrammarCheck()
 
-    async def _admit(self, model_name: str, num_prompts: int, n: int) -> ServedModel:
-        """The model, with room taken for the request's engine requests (prompts x n), all or none: 400 if they
-        can never fit (more than its running slots plus waiting queue), 429 with Retry-After while it is too busy."""
+    async def _admit(self, model_name: str, num_prompts: int, n: int, task: str = "generate") -> ServedModel:
+        """The model, with room taken for the request's engine requests (prompts x n), all or none: 400 if it does
+        not do `task`, or if they can never fit (more than its running slots plus waiting queue), 429 with
+        Retry-After while it is too busy."""
         served = await self.pool.acquire(model_name)
+        if served.entry.task != task:
+            serves = "/v1/embeddings" if served.entry.task == "embed" else "/v1/chat/completions and /v1/completions"
+            message = f"model '{served.name}' is {_TASKS[served.entry.task]}: it answers {serves} only"
+            raise APIError.invalid_request(message, param="model", code="model_not_supported")
         client, info, count = served.client, served.info, num_prompts * n
         if count > client.capacity:
             raise APIError.invalid_request(
@@ -251,6 +260,34 @@ class Serving:
         out = CompletionResponse(id=response_id, model=served.name, choices=choices, usage=_usage(gen))
         return JSONResponse(out.to_dict())
 
+    # --- embeddings ----------------------------------------------------------------------------------------------
+
+    async def embeddings(self, body: EmbeddingRequest, request: Request) -> Response:
+        inputs, cap = body.inputs(), self.settings.max_prompts_per_request
+        if len(inputs) > cap:
+            raise too_many_prompts(cap, len(inputs), param="input")
+        served = await self._admit(body.model, len(inputs), 1, task="embed")
+        info, tokenizer = served.info, served.tokenizer
+        assert tokenizer is not None
+        check_dimensions(info, served.name, body.dimensions)
+        prompts = await input_token_ids(tokenizer, inputs, info, body.truncate_prompt_tokens)
+        timeout = self.settings.request_timeout
+        gen = Generation(served, prompts, SamplingParams(max_tokens=1), 1, [], self.metrics, timeout, None)
+        await self._collect(gen, request)
+        self.metrics.embedding_inputs.labels(served.name).inc(len(prompts))
+        data = [
+            EmbeddingData(
+                index=c.index,
+                embedding=vector(c.embedding or b"", body.dimensions, info.embedding_normalized, body.encoding_format),
+            )
+            for c in gen.choices
+        ]
+        tokens = gen.num_prompt_tokens
+        out = EmbeddingResponse(
+            data=data, model=served.name, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
+        )
+        return JSONResponse(out.to_dict())
+
     # --- shared --------------------------------------------------------------------------------------------------
 
     async def _collect(self, gen: Generation, request: Request) -> None:
@@ -298,6 +335,9 @@ class Serving:
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return GenerationStream(gen, body(), headers)
+
+
+_TASKS = {"embed": "an embedding model", "generate": "a generation model"}
 
 
 def _finish(reason: str | None, tool_calls: bool = False) -> Any:

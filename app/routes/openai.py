@@ -1,4 +1,4 @@
-"""OpenAI's endpoints: chat completions, completions, and the model list."""
+"""OpenAI's endpoints: chat completions, completions, embeddings, and the model list."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from starlette.requests import ClientDisconnect
 
 from app.dependencies import PoolDep, ServingDep
 from app.preparation import count_prompts, too_many_prompts
-from app.protocol import ChatCompletionRequest, CompletionRequest
+from app.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from app.protocol_responses import ModelCard, ModelList
 
 
 class PromptCapRoute(APIRoute):
-    """Refuses a completions batch over the prompt cap before its body is validated (see `count_prompts`)."""
+    """Refuses a batch of completion prompts or embedding inputs over the cap before its body is validated (see
+    `count_prompts`)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -29,7 +30,7 @@ class PromptCapRoute(APIRoute):
             except ClientDisconnect:
                 count = None  # the handler meets it too, and answers it as it always has
             if count is not None and count > cap:
-                raise too_many_prompts(cap)
+                raise too_many_prompts(cap, param="input" if request.url.path.endswith("/embeddings") else "prompt")
             return await handler(request)
 
         return capped
@@ -49,6 +50,11 @@ async def completions(body: CompletionRequest, request: Request, serving: Servin
     return await serving.completions(body, request)
 
 
+@batches.post("/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request, serving: ServingDep) -> Response:
+    return await serving.embeddings(body, request)
+
+
 @router.get("/models")
 async def list_models(pool: PoolDep) -> dict[str, object]:
     """Every model and alias, with its state, quantization, LoRA adapter and context length."""
@@ -63,6 +69,7 @@ async def list_models(pool: PoolDep) -> dict[str, object]:
                     root=name,
                     max_model_len=info.max_model_len if info else None,
                     state=pool.state(model),  # type: ignore[arg-type]
+                    task=entry.task,
                     quantization=entry.quantization,
                     lora=entry.lora.adapter if entry.lora else None,
                     native_kernels=info.native_kernels if info else None,
