@@ -65,10 +65,16 @@ class Serving:
             raise APIError.invalid_request(message, param="model", code="model_not_supported")
         client, info, count = served.client, served.info, num_prompts * n
         if count > client.capacity:
+            limit = (
+                f"model '{served.name}' takes at most {client.capacity} at once (max_num_seqs {info.max_num_seqs} + "
+                f"max_waiting_requests {client.max_waiting_requests})"
+            )
+            if task == "embed":
+                message = f"this request has {count} inputs; {limit}; send fewer inputs"
+                raise APIError.invalid_request(message, param="input", code="too_many_inputs")
             raise APIError.invalid_request(
-                f"this request asks for {count} completions ({num_prompts} prompt(s) x n={n}); model '{served.name}' "
-                f"takes at most {client.capacity} at once (max_num_seqs {info.max_num_seqs} + max_waiting_requests "
-                f"{client.max_waiting_requests}); send fewer prompts or a lower n",
+                f"this request asks for {count} completions ({num_prompts} prompt(s) x n={n}); {limit}; send fewer "
+                "prompts or a lower n",
                 param="n" if n > 1 else "prompt",
                 code="too_many_completions",
             )

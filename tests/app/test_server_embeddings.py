@@ -41,7 +41,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> It
         directory / "models.yaml",
         [
             {"name": EMBED, **embed},
-            {"name": SHORT, **embed, "matryoshka_dimensions": [64, 128]},
+            # at most 4 inputs in flight: 4 running, none waiting
+            {"name": SHORT, **embed, "matryoshka_dimensions": [64, 128], "max_num_seqs": 4, "max_waiting_requests": 0},
             {"name": TINY, "source": str(tiny_llama_dir), "dtype": "float32", "kv_cache_memory": "16MiB"},
         ],
     )
@@ -193,6 +194,13 @@ def test_bad_requests_get_a_400_in_openai_shape(server: Server, body: dict[str, 
     assert response.status_code in (400, 404), response.text
     error = response.json()["error"]
     assert error["param"] == param and words in error["message"], error
+
+
+def test_more_inputs_than_the_model_ever_holds_are_refused(server: Server) -> None:
+    response = post(server, {"model": SHORT, "input": [*TEXTS, "one more"]})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("input", "too_many_inputs") and "5 inputs" in error["message"]
 
 
 def test_an_embedding_model_refuses_chat_and_says_what_it_serves(client: openai.OpenAI) -> None:
