@@ -9,8 +9,10 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+import yaml
 
-from tests.server_harness import REPO, Server, start_server
+from tests.conftest import MINILM_SOURCE
+from tests.server_harness import REPO, Server, start_server, write_registry
 
 pytestmark = pytest.mark.slow
 
@@ -87,3 +89,29 @@ def test_curl_json_schema(server: Server) -> None:
 def test_python_structured(server: Server) -> None:
     out = run_example(examples()["python-structured"], server, [sys.executable, "-c"])
     assert out.startswith("name=") and "country=" in out
+
+
+@pytest.fixture(scope="module")
+def rag_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The default model beside the README's embedding entry."""
+    directory = tmp_path_factory.mktemp("rag")
+    shipped = yaml.safe_load((REPO / "models.yaml").read_text())["models"]
+    minilm = {"name": "minilm", "source": MINILM_SOURCE, "task": "embed"}
+    registry = write_registry(directory / "models.yaml", [*shipped, minilm])
+    server = start_server(registry, directory, "--kv-cache-memory", "256MiB")
+    yield server
+    assert server.stop() == 0
+
+
+def test_curl_rag_round_trip(rag_server: Server) -> None:
+    """The nearest passage is the one that answers, and the chat model answers from it."""
+    code = examples()["curl-rag"].replace("CONTEXT=${!NEAREST}", 'CONTEXT=${!NEAREST} && echo "nearest: $BEST" >&2')
+    result = subprocess.run(
+        ["bash", "-c", code.replace("http://127.0.0.1:8000", rag_server.base_url)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0 and "nearest: 1" in result.stderr, result.stderr
+    assert "1889" in json.loads(result.stdout)["choices"][0]["message"]["content"]
