@@ -1,6 +1,7 @@
 """API keys, checked before anything else touches a request: an unauthenticated client gets its 401 before its body
 is read or parsed, so it cannot make the server do work. Every path needs the key except the probes and the API
-description (and /metrics when the server opens it).
+description (and /metrics when the server opens it). The key comes as `Authorization: Bearer KEY` (OpenAI's clients)
+or `x-api-key: KEY` (Anthropic's), on any path.
 
 Admin paths (/admin/...) take the admin key when one is set, else the API keys; with no key at all they answer only
 loopback clients (403 for others), so a server started without a key on 0.0.0.0 cannot be reloaded from afar."""
@@ -19,14 +20,16 @@ OPEN_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/docs", "/docs/oa
 ADMIN_PREFIX = "/admin"
 
 
-def key_matches(header: str | None, expected: list[str]) -> bool:
-    """Bearer-token check in constant time (the comparison does not leak how much of a key matched); every key is
-    compared, so the time does not say which one matched either."""
+def key_matches(header: str | None, expected: list[str], api_key: str | None = None) -> bool:
+    """Bearer-token (or x-api-key) check in constant time (the comparison does not leak how much of a key matched);
+    every key is compared with both, so the time does not say which one matched either. An empty value matches
+    nothing."""
     scheme, _, token = (header or "").partition(" ")
-    supplied = (token.strip() if scheme.lower() == "bearer" else "").encode()
+    supplied = [(token.strip() if scheme.lower() == "bearer" else "").encode(), (api_key or "").strip().encode()]
     matched = False
     for key in expected:
-        matched |= hmac.compare_digest(supplied, key.encode())
+        for value in supplied:
+            matched |= hmac.compare_digest(value, key.encode()) and bool(value)
     return matched
 
 
@@ -84,12 +87,14 @@ class ApiKeyGuard:
         if not keys:
             client = scope.get("client")
             if admin and not is_loopback(client[0] if client else None):
-                await admin_loopback_only().to_response()(scope, receive, send)
+                await admin_loopback_only().to_response(scope["path"])(scope, receive, send)
                 return
             await self.app(scope, receive, send)
             return
-        authorization = next((v for k, v in scope.get("headers") or [] if k == b"authorization"), b"")
-        if not key_matches(authorization.decode("latin-1"), keys):
-            await APIError.invalid_api_key().to_response()(scope, receive, send)
+        headers = scope.get("headers") or []
+        authorization = next((v for k, v in headers if k == b"authorization"), b"")
+        api_key = next((v for k, v in headers if k == b"x-api-key"), b"")
+        if not key_matches(authorization.decode("latin-1"), keys, api_key.decode("latin-1")):
+            await APIError.invalid_api_key().to_response(scope["path"])(scope, receive, send)
             return
         await self.app(scope, receive, send)

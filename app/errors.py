@@ -1,5 +1,6 @@
 """OpenAI-shaped errors: `APIError` for the app's own failures, and handlers that give every failure the body
-`{"error": {"message", "type", "param", "code"}}`, so no client sees FastAPI's 422 or a bare 500 page.
+`{"error": {"message", "type", "param", "code"}}`, so no client sees FastAPI's 422 or a bare 500 page. Under
+/v1/messages the same failures take Anthropic's shape (`APIError.to_response` picks it by path).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from fastapi.responses import JSONResponse
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.anthropic.errors import ErrorResponse as AnthropicErrorResponse
+from app.anthropic.errors import speaks_anthropic
 from app.protocol_responses import ErrorDetail, ErrorResponse
 from worker.messages import InvalidRequest
 
@@ -60,8 +63,14 @@ class APIError(Exception):
     def to_body(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code))
 
-    def to_response(self) -> JSONResponse:
-        return JSONResponse(self.to_body().to_dict(), status_code=self.status, headers=self.headers)
+    def to_response(self, path: str) -> JSONResponse:
+        """The error in the shape of the API `path` belongs to: Anthropic's under /v1/messages, OpenAI's elsewhere;
+        the status and headers (Retry-After, WWW-Authenticate) are the same in both."""
+        body = self.to_anthropic() if speaks_anthropic(path) else self.to_body()
+        return JSONResponse(body.to_dict(), status_code=self.status, headers=self.headers)
+
+    def to_anthropic(self) -> AnthropicErrorResponse:
+        return AnthropicErrorResponse.of(self.status, self.message, self.param)
 
     @classmethod
     def invalid_request(cls, message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
@@ -177,7 +186,7 @@ def request_id_of(request: Request) -> str:
 
 async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    return exc.to_response()
+    return exc.to_response(request.url.path)
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -185,8 +194,8 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
     errors = exc.errors()
     unparsed = any(error.get("type") in _NOT_AN_OBJECT and not _path(error) for error in errors)
     if unparsed and not _is_json(request.headers.get("content-type")):
-        return unsupported_media_type(request.headers.get("content-type")).to_response()
-    return from_validation_errors(errors).to_response()
+        return unsupported_media_type(request.headers.get("content-type")).to_response(request.url.path)
+    return from_validation_errors(errors).to_response(request.url.path)
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -215,7 +224,7 @@ def _unparsable_body(cause: BaseException | None) -> APIError:
 
 async def _on_invalid_request(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, InvalidRequest)
-    return APIError.invalid_request(str(exc), exc.param, "invalid_value").to_response()
+    return APIError.invalid_request(str(exc), exc.param, "invalid_value").to_response(request.url.path)
 
 
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -235,17 +244,18 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     else:
         kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
         error = APIError(exc.status_code, str(exc.detail), type=kind, headers=headers)
-    return error.to_response()
+    return error.to_response(request.url.path)
 
 
 async def _on_unhandled(request: Request, exc: Exception) -> JSONResponse:
     request_id = request_id_of(request)
     logger.error("unhandled error in %s %s (request id %s)", request.method, request.url.path, request_id, exc_info=exc)
-    return APIError.internal(request_id).to_response()
+    return APIError.internal(request_id).to_response(request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every failure becomes an OpenAI error body: ours, validation (400, never 422), HTTP errors and crashes."""
+    """Every failure becomes an error body (OpenAI's, or Anthropic's under /v1/messages): ours, validation (400, never
+    422), HTTP errors and crashes."""
     app.add_exception_handler(APIError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(InvalidRequest, _on_invalid_request)

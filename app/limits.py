@@ -41,11 +41,11 @@ class BodySizeLimit:
         raw_headers = scope.get("headers") or []
         if len(raw_headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in raw_headers) > MAX_HEADER_BYTES:
             message = f"Request headers exceed {MAX_HEADERS} fields or {MAX_HEADER_BYTES} bytes."
-            await APIError(431, message, code="headers_too_large").to_response()(scope, receive, send)
+            await APIError(431, message, code="headers_too_large").to_response(scope["path"])(scope, receive, send)
             return
         declared = dict(raw_headers).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await APIError.request_too_large(self.max_bytes).to_response()(scope, receive, send)
+            await APIError.request_too_large(self.max_bytes).to_response(scope["path"])(scope, receive, send)
             return
         seen = 0
         started = False
@@ -75,8 +75,8 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await APIError.request_too_large(self.max_bytes).to_response()(scope, receive, send)
+                await APIError.request_too_large(self.max_bytes).to_response(scope["path"])(scope, receive, send)
         except BodyTimeout as exc:
             if not started:
                 error = APIError(408, str(exc.detail), code="request_timeout", headers={"Connection": "close"})
-                await error.to_response()(scope, receive, send)
+                await error.to_response(scope["path"])(scope, receive, send)

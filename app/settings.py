@@ -53,7 +53,9 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
-    api_key: str | None = Field(default=None, description="require 'Authorization: Bearer KEY' on the API and /metrics")
+    api_key: str | None = Field(
+        default=None, description="require 'Authorization: Bearer KEY' or 'x-api-key: KEY' on the API and /metrics"
+    )
     api_key_file: Path | None = Field(
         default=None,
         description="a file of accepted keys, one per line ('#' comments); any of them, or --api-key, is accepted",
