@@ -16,7 +16,7 @@ from app.limits import BodySizeLimit
 from app.metrics import Metrics
 from app.model_pool import ModelPool
 from app.reload import Reloader
-from app.routes import admin, health, openai, tokenize
+from app.routes import admin, anthropic, health, openai, tokenize
 from app.serving import Serving
 from app.settings import Settings
 from app.supervisor import RestartPolicy
@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.serving = Serving(pool, metrics, settings)
     install_error_handlers(app)
     app.include_router(openai.router)
+    app.include_router(anthropic.router)
     app.include_router(tokenize.router)
     app.include_router(health.router)
     app.include_router(admin.router)

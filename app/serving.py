@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -47,6 +48,16 @@ SSE_KEEPALIVE = ": keep-alive\n\n"
 ChunkBuilder = Callable[[Delta], str]
 
 
+@dataclass
+class ChatRun:
+    """A chat-shaped request, admitted and ready to run: its model, generation, and tool-call format if it offers
+    tools."""
+
+    served: ServedModel
+    generation: Generation
+    tool_format: ToolFormat | None
+
+
 class Serving:
     def __init__(self, pool: ModelPool, metrics: Metrics, settings: Settings) -> None:
         self.pool = pool
@@ -58,11 +69,7 @@ class Serving:
         """The model, with room taken for the request's engine requests (prompts x n), all or none: 400 if it does
         not do `task`, or if they can never fit (more than its running slots plus waiting queue), 429 with
         Retry-After while it is too busy."""
-        served = await self.pool.acquire(model_name)
-        if served.entry.task != task:
-            serves = "/v1/embeddings" if served.entry.task == "embed" else "/v1/chat/completions and /v1/completions"
-            message = f"model '{served.name}' is {_TASKS[served.entry.task]}: it answers {serves} only"
-            raise APIError.invalid_request(message, param="model", code="model_not_supported")
+        served = await self.model(model_name, task)
         client, info, count = served.client, served.info, num_prompts * n
         if count > client.capacity:
             limit = (
@@ -87,6 +94,19 @@ class Serving:
             )
         return served
 
+    async def model(self, model_name: str, task: str = "generate") -> ServedModel:
+        """The model, ready to serve; 400 if it does not do `task` (an embedding model asked to chat)."""
+        served = await self.pool.acquire(model_name)
+        if served.entry.task != task:
+            serves = (
+                "/v1/embeddings"
+                if served.entry.task == "embed"
+                else "/v1/chat/completions, /v1/completions and /v1/messages"
+            )
+            message = f"model '{served.name}' is {_TASKS[served.entry.task]}: it answers {serves} only"
+            raise APIError.invalid_request(message, param="model", code="model_not_supported")
+        return served
+
     def _params(self, served: ServedModel, prompts: list[list[int]], body: Any) -> SamplingParams:
         limit = served.info.max_model_len
         longest = max(len(p) for p in prompts)
@@ -109,21 +129,46 @@ class Serving:
 
     # --- chat ----------------------------------------------------------------------------------------------------
 
-    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+    async def start_chat(
+        self,
+        body: Any,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        forced: list[dict[str, Any]] | None,
+        parallel: bool,
+        structured: StructuredOutput | None,
+    ) -> ChatRun:
+        """What every chat-shaped API (chat completions, Anthropic's messages) does before it runs: admit, template
+        and tokenize with the offered `tools` (OpenAI tool definitions), force a call to one of `forced` (one or more
+        calls if `parallel`) or apply `structured`, check the grammar, and build the generation. `body` gives model, n,
+        stop_strings, timeout and to_sampling_params."""
         served = await self._admit(body.model, 1, body.n)
+        prompt, tool_format = await self.chat_prompt(served, messages, tools)
+        assert served.tokenizer is not None
+        grammar = _forced_call(tool_format, served.tokenizer, forced, parallel) if forced else None
+        await self.grammar_check(served, grammar or structured)
+        return ChatRun(served, self._generation(served, [prompt], body, grammar), tool_format)
+
+    async def chat_prompt(
+        self, served: ServedModel, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> tuple[list[int], ToolFormat | None]:
+        """The conversation's prompt through the model's chat template, and the model's tool-call format when tools
+        are offered (400 if it has none, or if the template refuses the conversation)."""
         tokenizer = served.tokenizer
         assert tokenizer is not None
-        messages = [m.to_template() for m in body.messages]
-        tools = body.offered_tools()
         tool_format = _tool_format(served, tokenizer) if tools else None
         extra = {"tools": tools} if tools else {}
         try:
-            prompt = await chat_prompt(tokenizer, messages, **extra)
+            return await chat_prompt(tokenizer, messages, **extra), tool_format
         except ChatTemplateError as exc:
             raise APIError.invalid_request(str(exc), param="messages") from exc
-        forced = _forced_call(body, tool_format, tokenizer) if body.forces_tool_call else None
-        await self.grammar_check(served, forced or body.structured_output())
-        gen = self._generation(served, [prompt], body, forced)
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        messages = [m.to_template() for m in body.messages]
+        forced = body.forced_tools() if body.forces_tool_call else None
+        parallel = body.parallel_tool_calls and not body.names_a_tool
+        run = await self.start_chat(body, messages, body.offered_tools(), forced, parallel, body.structured_output())
+        served, gen, tool_format = run.served, run.generation, run.tool_format
         response_id = new_id("chatcmpl")
         want_logprobs = body.logprobs
         parsers = {c.index: ToolCallParser(tool_format) for c in gen.choices} if tool_format else {}
@@ -174,7 +219,7 @@ class Serving:
             prelude = [first(c.index) for c in gen.choices]
             return self._stream(gen, prelude, chunk, usage if body.include_usage else None)
 
-        await self._collect(gen, request)
+        await self.collect(gen, request)
         choices = []
         for c in gen.choices:
             message = ChatResponseMessage(content=c.detok.text)
@@ -251,7 +296,7 @@ class Serving:
             ]
             return self._stream(gen, prelude, chunk, usage if body.include_usage else None)
 
-        await self._collect(gen, request)
+        await self.collect(gen, request)
         choices = [
             CompletionChoice(
                 index=c.index,
@@ -279,7 +324,7 @@ class Serving:
         prompts = await input_token_ids(tokenizer, inputs, info, body.truncate_prompt_tokens)
         timeout = self.settings.request_timeout
         gen = Generation(served, prompts, SamplingParams(max_tokens=1), 1, [], self.metrics, timeout, None)
-        await self._collect(gen, request)
+        await self.collect(gen, request)
         self.metrics.embedding_inputs.labels(served.name).inc(len(prompts))
         data = [
             EmbeddingData(
@@ -296,7 +341,7 @@ class Serving:
 
     # --- shared --------------------------------------------------------------------------------------------------
 
-    async def _collect(self, gen: Generation, request: Request) -> None:
+    async def collect(self, gen: Generation, request: Request) -> None:
         """Run to the end; a client that disconnects meanwhile (or a cancelled handler) aborts every choice."""
 
         async def consume() -> None:
@@ -369,13 +414,14 @@ def _tool_format(served: ServedModel, tokenizer: Tokenizer) -> ToolFormat:
     return found
 
 
-def _forced_call(body: ChatCompletionRequest, tool_format: ToolFormat | None, tokenizer: Tokenizer) -> StructuredOutput:
-    """The grammar of the call(s) that tool_choice forces: exactly one for a named function, as for 'required' with
-    parallel_tool_calls false; one or more for 'required'. The grammar ends there, so the output ends too."""
+def _forced_call(
+    tool_format: ToolFormat | None, tokenizer: Tokenizer, tools: list[dict[str, Any]], parallel: bool
+) -> StructuredOutput:
+    """The grammar of the call(s) that tool_choice forces: exactly one (a named function, or parallel calls off),
+    or one or more. The grammar ends there, so the output ends too."""
     assert tool_format is not None
     special = {tokenizer.fast.id_to_token(i) or "": i for i in tokenizer.special_ids}
-    parallel = body.parallel_tool_calls and not body.names_a_tool
-    grammar = forced_call_grammar(tool_format, body.forced_tools(), parallel, special)
+    grammar = forced_call_grammar(tool_format, tools, parallel, special)
     return StructuredOutput("grammar", grammar, "tools")  # checked with every other constraint (GrammarCheck)
 
 

@@ -1,0 +1,123 @@
+"""Anthropic's Messages response body and stream events as pydantic models; every event is sent as
+`event: <type>` and `data: <json>` lines."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from app.protocol_responses import _Response
+
+StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
+
+
+def new_message_id() -> str:
+    return f"msg_{uuid.uuid4().hex}"
+
+
+def tool_use_id(call_id: str) -> str:
+    """Anthropic's id for a tool call the parser named in OpenAI's style ('call_...')."""
+    return "toolu_" + call_id.removeprefix("call_")
+
+
+class _Event(_Response):
+    type: str
+
+    def to_sse(self) -> str:
+        return f"event: {self.type}\ndata: {self.to_json()}\n\n"
+
+
+class TextContent(_Response):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ToolUseContent(_Response):
+    type: Literal["tool_use"] = "tool_use"
+    id: str
+    name: str
+    input: dict[str, Any] = Field(default_factory=dict)
+
+
+class MessageUsage(_Response):
+    """`input_tokens` is the whole prompt: the prefix cache is not Anthropic's prompt caching, so the cache fields
+    stay null."""
+
+    input_tokens: int
+    output_tokens: int
+
+
+class MessageResponse(_Response):
+    """The reply, and (empty, without a stop reason) the message of a stream's message_start."""
+
+    ALWAYS: ClassVar[frozenset[str]] = frozenset({"stop_reason", "stop_sequence"})
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    model: str
+    content: list[TextContent | ToolUseContent]
+    stop_reason: StopReason | None = None
+    stop_sequence: str | None = None
+    usage: MessageUsage
+
+
+class MessageStart(_Event):
+    type: Literal["message_start"] = "message_start"
+    message: MessageResponse
+
+
+class BlockStart(_Event):
+    type: Literal["content_block_start"] = "content_block_start"
+    index: int
+    content_block: TextContent | ToolUseContent
+
+
+class TextDelta(_Response):
+    type: Literal["text_delta"] = "text_delta"
+    text: str
+
+
+class InputJsonDelta(_Response):
+    type: Literal["input_json_delta"] = "input_json_delta"
+    partial_json: str
+
+
+class BlockDelta(_Event):
+    type: Literal["content_block_delta"] = "content_block_delta"
+    index: int
+    delta: TextDelta | InputJsonDelta
+
+
+class BlockStop(_Event):
+    type: Literal["content_block_stop"] = "content_block_stop"
+    index: int
+
+
+class StopDelta(_Response):
+    ALWAYS: ClassVar[frozenset[str]] = frozenset({"stop_reason", "stop_sequence"})
+    stop_reason: StopReason
+    stop_sequence: str | None = None
+
+
+class OutputUsage(_Response):
+    output_tokens: int
+
+
+class MessageDelta(_Event):
+    type: Literal["message_delta"] = "message_delta"
+    delta: StopDelta
+    usage: OutputUsage
+
+
+class MessageStop(_Event):
+    type: Literal["message_stop"] = "message_stop"
+
+
+class Ping(_Event):
+    type: Literal["ping"] = "ping"
+
+
+class CountTokensResponse(_Response):
+    input_tokens: int
