@@ -1,6 +1,6 @@
 """Property-based fuzzing of the HTTP API from its own OpenAPI schema (schemathesis): valid and invalid requests to
-every operation, for a bounded number of cases. No case may get a 5xx, every refusal is OpenAI-shaped, and the
-server still answers afterwards."""
+every operation, for a bounded number of cases. No case may get a 5xx, every refusal takes the shape of the API its
+path belongs to (Anthropic's under /v1/messages, OpenAI's elsewhere), and the server still answers afterwards."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 
+from app.anthropic.errors import speaks_anthropic
 from tests.server_harness import Server, model_entry, start_server, write_registry
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -36,8 +38,13 @@ def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 def check_response(response: requests.Response) -> None:
     assert response.status_code < 500, f"{response.request.method} {response.request.url}: {response.text[:2000]}"
     if response.status_code >= 400:
-        error = response.json()["error"]
-        assert set(error) == {"message", "type", "param", "code"} and error["message"], response.text
+        body = response.json()
+        error = body["error"]
+        if speaks_anthropic(urlsplit(response.request.url or "").path):
+            assert body["type"] == "error" and set(error) == {"type", "message"}, response.text
+        else:
+            assert set(error) == {"message", "type", "param", "code"}, response.text
+        assert error["message"] and error["type"], response.text
 
 
 def test_no_input_from_the_schema_gets_a_server_error(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
