@@ -5,7 +5,9 @@ compared with sentence-transformers' `encode`; the clients are the official `ope
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +17,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from tests.conftest import MINILM_SOURCE
@@ -73,6 +76,14 @@ def assert_same(got: list[list[float]] | np.ndarray, expected: np.ndarray) -> No
 
 def post(server: Server, body: dict[str, Any]) -> httpx.Response:
     return httpx.post(f"{server.base_url}/v1/embeddings", json=body, timeout=TIMEOUT)
+
+
+def metric(server: Server, name: str, **labels: str) -> float:
+    """The summed samples of `name` on /metrics whose labels include `labels` (0 when there are none)."""
+    families = text_string_to_metric_families(httpx.get(f"{server.base_url}/metrics", timeout=TIMEOUT).text)
+    return sum(
+        s.value for family in families for s in family.samples if s.name == name and labels.items() <= s.labels.items()
+    )
 
 
 def test_the_openai_sdk_gets_sentence_transformers_vectors(client: openai.OpenAI, reference: Any) -> None:
@@ -203,6 +214,44 @@ def test_more_inputs_than_the_model_ever_holds_are_refused(server: Server) -> No
     assert (error["param"], error["code"]) == ("input", "too_many_inputs") and "5 inputs" in error["message"]
 
 
+def test_a_full_model_answers_429_and_the_admitted_request_stays_exact(server: Server) -> None:
+    """SHORT holds 4 inputs at once and queues none: of requests of 4 long inputs sent together, one runs at a time
+    and the others are refused as busy, with Retry-After, in OpenAI's shape."""
+    body = {"model": SHORT, "input": [LONG] * 4, "truncate_prompt_tokens": -1, "encoding_format": "float"}
+    before = metric(server, "tokenmill_requests_rejected_total", model_name=SHORT, reason="queue_full")
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=TIMEOUT) as client:
+            return list(await asyncio.gather(*(client.post("/v1/embeddings", json=body) for _ in range(6))))
+
+    responses = asyncio.run(burst())
+    busy = [r for r in responses if r.status_code == 429]
+    done = [r for r in responses if r.status_code == 200]
+    assert busy and done and len(busy) + len(done) == 6, [r.text for r in responses]
+    for response in busy:
+        error = response.json()["error"]
+        assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded") and "busy" in error["message"]
+        assert int(response.headers["retry-after"]) >= 1
+    vectors = np.asarray([d["embedding"] for r in done for d in r.json()["data"]], dtype=np.float32)
+    assert_same(vectors, np.repeat(vectors[:1], len(vectors), axis=0))
+    after = metric(server, "tokenmill_requests_rejected_total", model_name=SHORT, reason="queue_full")
+    assert after - before == len(busy)
+
+
+def test_a_client_that_leaves_has_its_inputs_aborted(server: Server) -> None:
+    """16 long inputs take several steps; a client gone after 0.2 s has the rest aborted, and the model serves on."""
+    body = {"model": EMBED, "input": [LONG] * 16, "truncate_prompt_tokens": -1}
+    labels = {"model_name": EMBED, "reason": "client_disconnect"}
+    before = metric(server, "tokenmill_requests_aborted_total", **labels)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/v1/embeddings", json=body, timeout=httpx.Timeout(TIMEOUT, read=0.2))
+    deadline = time.monotonic() + 30
+    while metric(server, "tokenmill_requests_aborted_total", **labels) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert 0 < metric(server, "tokenmill_requests_aborted_total", **labels) - before <= 16
+    assert post(server, {"model": EMBED, "input": "still here"}).status_code == 200
+
+
 def test_an_embedding_model_refuses_chat_and_says_what_it_serves(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=EMBED, messages=[{"role": "user", "content": "hi"}])
@@ -216,13 +265,8 @@ def test_models_list_the_task_and_metrics_count_embeddings(server: Server, clien
     assert cards[EMBED]["task"] == "embed" and cards[TINY]["task"] == "generate"
     assert cards[EMBED]["max_model_len"] == 256
 
-    def counter(name: str) -> float:
-        for line in httpx.get(f"{server.base_url}/metrics").text.splitlines():
-            if line.startswith(f'{name}{{model_name="{EMBED}"}}'):
-                return float(line.split()[-1])
-        raise AssertionError(f"{name} for {EMBED} not in /metrics")
-
-    inputs, tokens = counter("tokenmill_embedding_inputs_total"), counter("tokenmill_prompt_tokens_total")
+    inputs = metric(server, "tokenmill_embedding_inputs_total", model_name=EMBED)
+    tokens = metric(server, "tokenmill_prompt_tokens_total", model_name=EMBED)
     reply = client.embeddings.create(model=EMBED, input=TEXTS[:3])
-    assert counter("tokenmill_embedding_inputs_total") == inputs + 3
-    assert counter("tokenmill_prompt_tokens_total") == tokens + reply.usage.prompt_tokens
+    assert metric(server, "tokenmill_embedding_inputs_total", model_name=EMBED) == inputs + 3
+    assert metric(server, "tokenmill_prompt_tokens_total", model_name=EMBED) == tokens + reply.usage.prompt_tokens
