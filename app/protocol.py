@@ -156,6 +156,15 @@ class TextContentPart(_Strict):
         return value
 
 
+def template_arguments(arguments: str) -> Any:
+    """A call's arguments as chat templates expect them: a mapping (they render it with tojson), as transformers
+    passes them; text that is not JSON stays text."""
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
+
+
 class ToolCallFunction(_Strict):
     name: str
     arguments: str
@@ -167,12 +176,7 @@ class ToolCall(_Strict):
     function: ToolCallFunction
 
     def to_template(self) -> dict[str, Any]:
-        """Templates expect the arguments as a mapping (they render it with tojson), as transformers passes them."""
-        try:
-            arguments: Any = json.loads(self.function.arguments)
-        except json.JSONDecodeError:
-            arguments = self.function.arguments
-        function = {"name": self.function.name, "arguments": arguments}
+        function = {"name": self.function.name, "arguments": template_arguments(self.function.arguments)}
         return {"id": self.id, "type": self.type, "function": function}
 
 

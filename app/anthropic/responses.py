@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from app.generation import Choice
 from app.protocol_responses import _Response
 
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
@@ -121,3 +122,13 @@ class Ping(_Event):
 
 class CountTokensResponse(_Response):
     input_tokens: int
+
+
+def stop_reason(choice: Choice, called: bool) -> tuple[StopReason, str | None]:
+    """Anthropic's stop reason, and the stop sequence that matched: a stop sequence, the max_tokens limit, a reply
+    that made tool calls, or the model's own end."""
+    if choice.detok.stopped:
+        return "stop_sequence", choice.detok.stop_string
+    if choice.finish_reason == "length":
+        return "max_tokens", None
+    return ("tool_use" if called else "end_turn"), None
