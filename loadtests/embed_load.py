@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = cache_dir()
     if llama_cpp.installed(cache):
         for server in llama_servers(cache, args.port, directory, args.threads, args.concurrency):
-            with serving(server, LOGS / f"embed_load.{server.name}.log") as process:
+            with serving(server, LOGS / f"embed_load.{server.name.replace(' ', '-')}.log") as process:
                 measure(server.name, server.url, process.pid)
     else:
         print("llama.cpp is not installed (python -m loadtests.peers.llama_cpp install): its rows are left out")
