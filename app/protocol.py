@@ -287,6 +287,19 @@ def _drop_no_ops(data: Any, unsupported: dict[str, tuple[Any, ...]]) -> Any:
     return kept
 
 
+class OneReply(BaseModel):
+    """Mixed into the bodies of the chat-shaped APIs that ask for one reply and have no timeout field (Anthropic's
+    Messages, OpenAI's Responses): what the chat pipeline asks of them beside their own fields."""
+
+    @property
+    def n(self) -> int:
+        return 1
+
+    @property
+    def timeout(self) -> float | None:
+        return None  # the server's request_timeout applies
+
+
 class _SamplingRequest(StructuredFields, _Body):
     """The fields chat and completions share, and their mapping to the worker's sampling params (None: the default)."""
 

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from app.errors import invalid
-from app.protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS, _Body, _drop_no_ops, _Strict
+from app.protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS, OneReply, _Body, _drop_no_ops, _Strict
 from worker.messages import SamplingParams
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -233,7 +233,7 @@ class CountTokensRequest(Conversation):
     """POST /v1/messages/count_tokens."""
 
 
-class MessagesRequest(Conversation):
+class MessagesRequest(OneReply, Conversation):
     """POST /v1/messages. The attributes below `stream` are what the chat pipeline asks any request for."""
 
     max_tokens: int = Field(ge=1)
@@ -250,14 +250,6 @@ class MessagesRequest(Conversation):
         if value and ("" in value or any(len(stop) > MAX_STOP_CHARS for stop in value)):
             raise invalid("", f"stop_sequences must be non-empty strings of at most {MAX_STOP_CHARS} characters")
         return value
-
-    @property
-    def n(self) -> int:
-        return 1
-
-    @property
-    def timeout(self) -> float | None:
-        return None  # the server's request_timeout applies
 
     @property
     def stop_strings(self) -> list[str]:

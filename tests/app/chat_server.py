@@ -5,8 +5,12 @@ one; SmolLM2's template has none)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -19,9 +23,10 @@ TOOLS_MODEL = "tiny-tools"
 TIMEOUT = 120.0
 
 
-def start_chat_server(
+def chat_server(
     tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, tiny_tokenizer: PreTrainedTokenizerFast, api_key: str
-) -> Server:
+) -> Iterator[Server]:
+    """The server, for a fixture to yield from; it must stop cleanly."""
     directory = tmp_path_factory.mktemp("server-chat")
     (directory / "hermes.jinja").write_text(HERMES_TEMPLATE)
     # The tiny tokenizer spends about a token per character: tool definitions need a longer context than 512.
@@ -41,4 +46,28 @@ def start_chat_server(
             },
         ],
     )
-    return start_server(registry, directory, "--api-key", api_key)
+    server = start_server(registry, directory, "--api-key", api_key)
+    try:
+        yield server
+    finally:
+        assert server.stop() == 0, server.log()[-4000:]
+
+
+def typed_events(http: httpx.Client, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The SSE events of a streamed request, checked byte for byte: `event: <type>` then `data: <json>` whose type is
+    the same, and no `[DONE]` (keep-alive comments are left out)."""
+    with http.stream("POST", path, json={**body, "stream": True}) as response:
+        raw = response.read().decode()
+        assert response.status_code == 200, raw
+        assert response.headers["content-type"].startswith("text/event-stream")
+    assert raw.endswith("\n\n") and "[DONE]" not in raw
+    events = []
+    for chunk in raw.removesuffix("\n\n").split("\n\n"):
+        if chunk.startswith(":"):
+            continue
+        kind, data = chunk.split("\n")
+        assert kind.startswith("event: ") and data.startswith("data: "), chunk
+        payload = json.loads(data.removeprefix("data: "))
+        assert payload["type"] == kind.removeprefix("event: ")
+        events.append(payload)
+    return events

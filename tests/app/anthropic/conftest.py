@@ -9,7 +9,7 @@ import anthropic
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from tests.app.chat_server import MODEL, TIMEOUT, TOOLS_MODEL, start_chat_server
+from tests.app.chat_server import MODEL, TIMEOUT, TOOLS_MODEL, chat_server
 from tests.server_harness import Server
 
 API_KEY = "sk-test-messages"
@@ -20,11 +20,7 @@ __all__ = ["API_KEY", "MODEL", "TIMEOUT", "TOOLS_MODEL"]
 def server(
     tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, tiny_tokenizer: PreTrainedTokenizerFast
 ) -> Iterator[Server]:
-    server = start_chat_server(tmp_path_factory, smollm2_dir, tiny_tokenizer, API_KEY)
-    try:
-        yield server
-    finally:
-        assert server.stop() == 0, server.log()[-4000:]
+    yield from chat_server(tmp_path_factory, smollm2_dir, tiny_tokenizer, API_KEY)
 
 
 @pytest.fixture(scope="package")

@@ -4,7 +4,6 @@ the stream's exact event order, count_tokens, and errors in Anthropic's shape (O
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +14,7 @@ import openai
 import pytest
 
 from tests.app.anthropic.conftest import API_KEY, MODEL, TIMEOUT
+from tests.app.chat_server import typed_events
 from tests.server_harness import Server
 
 pytestmark = pytest.mark.slow
@@ -51,21 +51,7 @@ def text_of(message: anthropic.types.Message) -> str:
 
 
 def raw_events(http: httpx.Client, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """The SSE events of a streamed request, checked byte for byte: `event: <type>` then `data: <json>` whose type is
-    the same, and no `[DONE]`."""
-    with http.stream("POST", "/v1/messages", json={**body, "stream": True}) as response:
-        raw = response.read().decode()
-        assert response.status_code == 200, raw
-        assert response.headers["content-type"].startswith("text/event-stream")
-    assert raw.endswith("\n\n") and "[DONE]" not in raw
-    events = []
-    for chunk in raw.removesuffix("\n\n").split("\n\n"):
-        kind, data = chunk.split("\n")
-        assert kind.startswith("event: ") and data.startswith("data: "), chunk
-        payload = json.loads(data.removeprefix("data: "))
-        assert payload["type"] == kind.removeprefix("event: ")
-        events.append((payload["type"], payload))
-    return events
+    return [(payload["type"], payload) for payload in typed_events(http, "/v1/messages", body)]
 
 
 # --- replies -------------------------------------------------------------------------------------------------------
