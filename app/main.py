@@ -16,7 +16,7 @@ from app.limits import BodySizeLimit
 from app.metrics import Metrics
 from app.model_pool import ModelPool
 from app.reload import Reloader
-from app.routes import admin, anthropic, health, openai, tokenize
+from app.routes import admin, anthropic, health, openai, responses, tokenize
 from app.serving import Serving
 from app.settings import Settings
 from app.supervisor import RestartPolicy
@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(anthropic.router)
+    app.include_router(responses.router)
     app.include_router(tokenize.router)
     app.include_router(health.router)
     app.include_router(admin.router)

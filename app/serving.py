@@ -101,7 +101,7 @@ class Serving:
             serves = (
                 "/v1/embeddings"
                 if served.entry.task == "embed"
-                else "/v1/chat/completions, /v1/completions and /v1/messages"
+                else "/v1/chat/completions, /v1/completions, /v1/responses and /v1/messages"
             )
             message = f"model '{served.name}' is {_TASKS[served.entry.task]}: it answers {serves} only"
             raise APIError.invalid_request(message, param="model", code="model_not_supported")
@@ -112,7 +112,7 @@ class Serving:
         longest = max(len(p) for p in prompts)
         params: SamplingParams = body.to_sampling_params(max(1, limit - longest))
         if longest + params.max_tokens > limit:
-            param = "prompt" if isinstance(body, CompletionRequest) else "messages"
+            param = "prompt" if isinstance(body, CompletionRequest) else getattr(body, "CONVERSATION", "messages")
             raise APIError.context_length_exceeded(limit, longest, params.max_tokens, param=param)
         return params
 

@@ -1,0 +1,28 @@
+"""One real `tokenmill serve` for the Responses API tests (see tests.app.chat_server)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from tests.app.chat_server import TIMEOUT, chat_server
+from tests.server_harness import Server
+
+API_KEY = "sk-test-responses"
+
+
+@pytest.fixture(scope="package")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, tiny_tokenizer: PreTrainedTokenizerFast
+) -> Iterator[Server]:
+    yield from chat_server(tmp_path_factory, smollm2_dir, tiny_tokenizer, API_KEY)
+
+
+@pytest.fixture(scope="package")
+def client(server: Server) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=TIMEOUT) as c:
+        yield c
