@@ -57,6 +57,16 @@ class _Response(BaseModel):
         return f"data: {self.to_json()}\n\n"
 
 
+class NamedEvent(_Response):
+    """A server-sent event whose type also goes in an `event:` line before its data, as Anthropic's Messages API and
+    OpenAI's Responses API send them (chat completions' chunks have none)."""
+
+    type: str
+
+    def to_sse(self) -> str:
+        return f"event: {self.type}\ndata: {self.to_json()}\n\n"
+
+
 _MARK = "\x00"  # stands for the text in a rendered template: no detokenized text carries it in the same place
 _encode_text = json.JSONEncoder(ensure_ascii=False).encode
 

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from app.generation import Choice
-from app.protocol_responses import _Response
+from app.protocol_responses import NamedEvent, _Response
 
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
 
@@ -21,13 +21,6 @@ def new_message_id() -> str:
 def tool_use_id(call_id: str) -> str:
     """Anthropic's id for a tool call the parser named in OpenAI's style ('call_...')."""
     return "toolu_" + call_id.removeprefix("call_")
-
-
-class _Event(_Response):
-    type: str
-
-    def to_sse(self) -> str:
-        return f"event: {self.type}\ndata: {self.to_json()}\n\n"
 
 
 class TextContent(_Response):
@@ -64,12 +57,12 @@ class MessageResponse(_Response):
     usage: MessageUsage
 
 
-class MessageStart(_Event):
+class MessageStart(NamedEvent):
     type: Literal["message_start"] = "message_start"
     message: MessageResponse
 
 
-class BlockStart(_Event):
+class BlockStart(NamedEvent):
     type: Literal["content_block_start"] = "content_block_start"
     index: int
     content_block: TextContent | ToolUseContent
@@ -85,13 +78,13 @@ class InputJsonDelta(_Response):
     partial_json: str
 
 
-class BlockDelta(_Event):
+class BlockDelta(NamedEvent):
     type: Literal["content_block_delta"] = "content_block_delta"
     index: int
     delta: TextDelta | InputJsonDelta
 
 
-class BlockStop(_Event):
+class BlockStop(NamedEvent):
     type: Literal["content_block_stop"] = "content_block_stop"
     index: int
 
@@ -106,17 +99,17 @@ class OutputUsage(_Response):
     output_tokens: int
 
 
-class MessageDelta(_Event):
+class MessageDelta(NamedEvent):
     type: Literal["message_delta"] = "message_delta"
     delta: StopDelta
     usage: OutputUsage
 
 
-class MessageStop(_Event):
+class MessageStop(NamedEvent):
     type: Literal["message_stop"] = "message_stop"
 
 
-class Ping(_Event):
+class Ping(NamedEvent):
     type: Literal["ping"] = "ping"
 
 

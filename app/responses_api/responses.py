@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from app.generation import Generation
-from app.protocol_responses import _Response
+from app.protocol_responses import NamedEvent, _Response
 
 Status = Literal["in_progress", "completed", "incomplete", "failed"]
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
@@ -131,12 +131,8 @@ class Response(_Response):
         )
 
 
-class _Event(_Response):
-    type: str
+class _Event(NamedEvent):
     sequence_number: int
-
-    def to_sse(self) -> str:
-        return f"event: {self.type}\ndata: {self.to_json()}\n\n"
 
 
 class ResponseEvent(_Event):
