@@ -39,6 +39,7 @@ class ResponseEvents(ReplyEvents):
         self.items: list[OutputItem] = []
         self.calls: dict[int, int] = {}  # the parser's call index -> its item's output index
         self.sequence = -1
+        self.pieces: list[str] = []  # the open message's text so far, joined when it closes (not copied per delta)
 
     def _next(self) -> int:
         self.sequence += 1
@@ -75,6 +76,8 @@ class ResponseEvents(ReplyEvents):
         return out + self.close() + self._lifecycle(done.status, done)
 
     def fail(self, error: APIError) -> str:
+        if self.open == "text":
+            self._message_text()
         code = "rate_limit_exceeded" if error.status == 429 else "server_error"
         update = {"status": "failed", "output": self.items, "error": ResponseError(code=code, message=error.message)}
         return self._lifecycle("failed", self.response.model_copy(update=update))
@@ -85,13 +88,14 @@ class ResponseEvents(ReplyEvents):
         self.items.append(message)
         added = self._item("added", index)
         message.content.append(OutputText(text=""))
+        self.pieces = []
         return added + self._part("added", index, message)
 
     def text_delta(self, text: str) -> str:
         index = len(self.items) - 1
         message = self.items[index]
         assert isinstance(message, OutputMessage)
-        message.content[0].text += text
+        self.pieces.append(text)
         return TextDelta(
             sequence_number=self._next(), item_id=message.id, output_index=index, content_index=0, delta=text
         ).to_sse()
@@ -127,8 +131,15 @@ class ResponseEvents(ReplyEvents):
                 arguments=item.arguments,
             )
             return done.to_sse() + self._item("done", index)
-        text = item.content[0].text
+        text = self._message_text()
         done_text = TextDone(
             sequence_number=self._next(), item_id=item.id, output_index=index, content_index=0, text=text
         )
         return done_text.to_sse() + self._part("done", index, item) + self._item("done", index)
+
+    def _message_text(self) -> str:
+        """The open message's text, put into its item."""
+        message = self.items[-1]
+        assert isinstance(message, OutputMessage)
+        message.content[0].text = "".join(self.pieces)
+        return message.content[0].text

@@ -100,3 +100,4 @@ def test_a_failure_after_the_start_is_response_failed() -> None:
     failed = events_of(sse)[-1]
     assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed"
     assert failed["response"]["error"] == {"code": "server_error", "message": "the request timed out"}
+    assert failed["response"]["output"][0]["content"][0]["text"] == "Hello"  # what was sent before the failure
