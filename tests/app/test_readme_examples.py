@@ -39,9 +39,9 @@ def run_example(code: str, server: Server, shell: list[str]) -> str:
 
 
 def test_readme_has_the_examples() -> None:
-    assert {"curl-chat", "curl-stream", "curl-completions", "python-sdk", "curl-json-schema", "python-structured"} <= (
-        examples().keys()
-    )
+    names = {"curl-chat", "curl-stream", "curl-completions", "python-sdk", "curl-json-schema", "python-structured"}
+    names |= {"curl-messages", "python-anthropic", "curl-responses", "python-responses", "curl-rag"}
+    assert names <= examples().keys()
 
 
 def test_curl_chat(server: Server) -> None:
@@ -115,3 +115,31 @@ def test_curl_rag_round_trip(rag_server: Server) -> None:
     )
     assert result.returncode == 0 and "nearest: 1" in result.stderr, result.stderr
     assert "1889" in json.loads(result.stdout)["choices"][0]["message"]["content"]
+
+
+def test_curl_messages(server: Server) -> None:
+    reply = json.loads(run_example(examples()["curl-messages"], server, ["bash", "-c"]))
+    assert reply["type"] == "message" and reply["role"] == "assistant"
+    assert reply["content"][0]["type"] == "text" and reply["content"][0]["text"].strip()
+    assert reply["stop_reason"] in {"end_turn", "max_tokens"} and reply["usage"]["output_tokens"] > 0
+
+
+def test_python_anthropic(server: Server) -> None:
+    out = run_example(examples()["python-anthropic"], server, [sys.executable, "-c"])
+    reply, _, stream = out.partition("\nstream: ")
+    assert reply.startswith("reply: ") and reply.removeprefix("reply: ").strip()
+    assert stream.strip()
+
+
+def test_curl_responses(server: Server) -> None:
+    reply = json.loads(run_example(examples()["curl-responses"], server, ["bash", "-c"]))
+    assert reply["object"] == "response" and reply["status"] in {"completed", "incomplete"}
+    message = reply["output"][0]
+    assert message["type"] == "message" and message["content"][0]["text"].strip()
+    assert reply["usage"]["output_tokens"] > 0
+
+
+def test_python_responses(server: Server) -> None:
+    out = run_example(examples()["python-responses"], server, [sys.executable, "-c"])
+    status, _, rest = out.partition(" ")
+    assert status in {"completed", "incomplete"} and rest.strip()
