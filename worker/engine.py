@@ -19,8 +19,17 @@ from worker.block_manager import BlockManager
 from worker.flash_attention import PAGE_MULTIPLE as PAGE
 from worker.gguf_weights import QuantizedRows
 from worker.kv_budget import default_cpu_kv_cache_memory, profile_num_blocks
-from worker.messages import EngineStats, InvalidRequest, ModelInfo, RequestOutput, SamplingParams, StepOutput
+from worker.messages import (
+    EngineStats,
+    InvalidRequest,
+    ModelInfo,
+    RequestOutput,
+    SampleLogprobs,
+    SamplingParams,
+    StepOutput,
+)
 from worker.model_runner import BatchItem, ModelRunner, flash_backend_fits, kv_bytes_per_token
+from worker.prompt_logprobs import score_rows, split_scores
 from worker.registry import ModelEntry
 from worker.sampler import SampleInput, Sampler
 from worker.scheduler import Scheduler, SchedulerOutput
@@ -246,21 +255,22 @@ class Engine:
         rows: list[SampleInput] = []
         for item in plan.scheduled:
             seq = item.seq
-            first = seq.num_computed_tokens
-            items.append(
-                BatchItem(seq.token_ids[first : first + item.num_new_tokens], first, seq.block_table, item.sample)
-            )
+            first, count = seq.num_computed_tokens, item.num_new_tokens
+            fed = seq.token_ids[first : first + count]
+            items.append(BatchItem(fed, first, seq.block_table, item.sample, score_rows(seq, first, count)))
             if item.sample:
                 rows.append(self._sample_input(seq))
         if self.fault_hook is not None:
             self.fault_hook([item.seq.prompt_token_ids for item in plan.scheduled])
         masks = self.grammar.start([row.request_id for row in rows])  # computed while the model runs
-        logits = self.runner.execute(items)
+        logits, scores = split_scores(self.runner.execute(items), items, [item.seq for item in plan.scheduled])
         for row, allowed in zip(rows, self._allowed(rows, self.grammar.finish(masks)), strict=True):
             row.allowed = allowed
         sampled = self.sampler.sample(logits, rows) if rows else None
         tokens = dict(zip((row.request_id for row in rows), sampled.token_ids, strict=True)) if sampled else {}
         finished = {seq.request_id for seq in self.scheduler.update(plan, tokens)}
+        for request_id, prompt_logprobs in scores.items():  # kept only now that the step has certainly happened
+            self.requests[request_id].prompt_logprobs.extend(prompt_logprobs)
         broken = {
             rid: error for rid, token in tokens.items() if (error := self.grammar.advance(rid, token)) is not None
         }
@@ -274,22 +284,35 @@ class Engine:
                 outputs.append(self._fail(seq, f"the structured output failed: {error}", "model_error"))
                 continue
             logprobs = sampled.logprobs[index] if sampled else None
-            first = seq.num_output_tokens == 1
-            outputs.append(
-                RequestOutput(
-                    row.request_id,
-                    [tokens[row.request_id]],
-                    seq.finish_reason if row.request_id in finished else None,
-                    [logprobs] if logprobs is not None else None,
-                    num_prompt_tokens=seq.num_prompt_tokens if first else 0,
-                    num_cached_tokens=seq.num_cached_tokens if first else 0,
-                    queue_seconds=seq.queue_seconds if first else 0.0,
-                )
-            )
+            output = self._first_output(seq) if seq.num_output_tokens == 1 else RequestOutput(row.request_id, [])
+            output.new_token_ids = [tokens[row.request_id]]
+            output.finish_reason = seq.finish_reason if row.request_id in finished else None
+            output.logprobs = [logprobs] if logprobs is not None else None
+            outputs.append(output)
+        sampled_ids = {row.request_id for row in rows}
+        for request_id in finished - sampled_ids:  # max_tokens 0: the prompt is in, and that is all
+            seq = self.requests[request_id]
+            output = self._first_output(seq)
+            output.finish_reason = seq.finish_reason
+            outputs.append(output)
         for request_id in finished:
             del self.requests[request_id]
             self._release(request_id)
         return outputs
+
+    def _first_output(self, seq: Sequence) -> RequestOutput:
+        """A request's first output: what it cost to start, and its prompt's logprobs where it asked for them."""
+        prompt_logprobs: list[SampleLogprobs | None] | None = None
+        if seq.params.prompt_logprobs is not None:
+            prompt_logprobs = [None, *seq.prompt_logprobs]
+        return RequestOutput(
+            seq.request_id,
+            [],
+            prompt_logprobs=prompt_logprobs,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            queue_seconds=seq.queue_seconds,
+        )
 
     def _schedule_compiled(self, idle: bool) -> list[RequestOutput]:
         """Requests whose grammar has compiled join the scheduler; one that failed to compile ends with its error."""

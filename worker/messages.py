@@ -37,6 +37,8 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
     seed: int | None = None
     logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's logprob plus k alternatives
+    # vLLM's: the same for each prompt token after the first, given the tokens before it (raw logits, no penalties)
+    prompt_logprobs: int | None = None
     stop_token_ids: list[int] = msgspec.field(default_factory=list)
     ignore_eos: bool = False
     structured: StructuredOutput | None = None
@@ -44,7 +46,8 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     cache_salt: str | None = None
 
     def __post_init__(self) -> None:
-        _check(self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}")
+        # 0: score the prompt (prompt_logprobs) without generating; the request ends with "length" once prefilled
+        _check(self.max_tokens >= 0, "max_tokens", f"must be non-negative, got {self.max_tokens}")
         _check(self.min_tokens >= 0, "min_tokens", f"must be non-negative, got {self.min_tokens}")
         _check(
             self.min_tokens <= self.max_tokens,
@@ -76,6 +79,10 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
             _check(0 <= self.seed < 2**63, "seed", f"must be in [0, 2**63), got {self.seed}")
         if self.logprobs is not None:
             _check(0 <= self.logprobs <= 20, "logprobs", f"must be in [0, 20], got {self.logprobs}")
+        if self.prompt_logprobs is not None:
+            _check(
+                0 <= self.prompt_logprobs <= 20, "prompt_logprobs", f"must be in [0, 20], got {self.prompt_logprobs}"
+            )
         for token_id in self.stop_token_ids:
             _check(token_id >= 0, "stop_token_ids", f"token id {token_id} is negative")
         if self.cache_salt is not None:
@@ -139,10 +146,12 @@ class TokenLogprob(msgspec.Struct, array_like=True):
 
 
 class SampleLogprobs(msgspec.Struct, array_like=True):
-    """The chosen token's logprob and the top alternatives, for one generated position."""
+    """The chosen token's logprob and the top alternatives (most likely first), for one generated or prompt
+    position."""
 
     chosen: TokenLogprob
     top: list[TokenLogprob]
+    rank: int = 0  # prompt tokens: 1 + how many tokens are more likely (ties count ahead, as vLLM's); 0: not computed
 
 
 class RequestOutput(msgspec.Struct, omit_defaults=True):
@@ -152,6 +161,8 @@ class RequestOutput(msgspec.Struct, omit_defaults=True):
     new_token_ids: list[int]
     finish_reason: FinishReason | None = None
     logprobs: list[SampleLogprobs] | None = None
+    # the first output of a request with prompt_logprobs: one per prompt token, None for the first (it has no context)
+    prompt_logprobs: list[SampleLogprobs | None] | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     queue_seconds: float = 0.0  # on the first output: time from arrival to first schedule

@@ -1,7 +1,8 @@
 """`ModelRunner`: owns the model and the KV tensors, turns a scheduled batch into one packed forward, returns logits.
 
 The scheduler decides (pure Python); this module executes: it builds the packed input ids, position ids, cache
-slots and attention metadata for one step, and keeps only the logits of requests that sample this step.
+slots and attention metadata for one step, and keeps only the logits of requests that sample this step, and of the
+prompt positions a request with prompt logprobs scores.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class BatchItem:
     num_computed: int  # tokens already in the cache before this step
     block_table: list[int]
     sample: bool  # keep this request's last logits
+    # offsets into token_ids whose logits are kept too, before the last row's: prompt positions being scored
+    score_rows: range = range(0)
 
 
 def kv_bytes_per_token(model: PreTrainedModel, dtype: torch.dtype) -> int:
@@ -131,8 +134,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, items: list[BatchItem]) -> torch.Tensor:
-        """Run one packed forward; return float32 logits [num sampled items, vocab] in item order."""
-        if self.graphs is not None and all(len(i.token_ids) == 1 and i.num_computed > 0 and i.sample for i in items):
+        """Run one packed forward; return float32 logits in item order: each item's `score_rows`, then its last row if
+        it samples. A decode graph keeps one row a sequence, so a step that scores prompt rows runs eagerly."""
+        decodes = all(len(i.token_ids) == 1 and i.num_computed > 0 and i.sample and not i.score_rows for i in items)
+        if self.graphs is not None and decodes:
             replayed = self.graphs.run(
                 [i.token_ids[0] for i in items], [i.num_computed for i in items], [i.block_table for i in items]
             )
@@ -154,6 +159,7 @@ class ModelRunner:
             positions.extend(range(first, first + n))
             table = item.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(first, first + n))
+            keep.extend(start + row for row in item.score_rows)
             if item.sample:
                 keep.append(start + n - 1)
             if self.flash:

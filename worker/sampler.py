@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from worker import native
-from worker.messages import SampleLogprobs, SamplingParams, TokenLogprob
+from worker.logprobs import token_logprobs
+from worker.messages import SampleLogprobs, SamplingParams
 from worker.transfers import to_device
 
 _NEG_INF = float("-inf")
@@ -174,7 +175,7 @@ class Sampler:
         raw = logits.float()
         tokens = self.choose(raw, rows)
         token_ids: list[int] = tokens.tolist()  # the one wait for the device
-        return SamplerOutput(token_ids, _logprobs(raw, tokens, token_ids, rows))
+        return SamplerOutput(token_ids, _logprobs(raw, tokens, rows))
 
     def choose(self, raw: torch.Tensor, rows: Sequence[SampleInput]) -> torch.Tensor:
         """One token per row from float32 logits, left on their device: on CUDA only queued work, no host sync."""
@@ -241,21 +242,14 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return (block * CDF_BLOCK + index)[:, 0].clamp_max_(vocab - 1)  # a row of NaN (nothing left) lands anywhere
 
 
-def _logprobs(
-    raw: torch.Tensor, tokens: torch.Tensor, token_ids: Sequence[int], rows: Sequence[SampleInput]
-) -> list[SampleLogprobs | None]:
+def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SampleInput]) -> list[SampleLogprobs | None]:
     """Logprobs of the raw distribution (OpenAI semantics): the chosen token plus the top-k, one topk call."""
     wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     out: list[SampleLogprobs | None] = [None] * len(rows)
     if not wanted:
         return out
-    logprobs = torch.log_softmax(raw[wanted], dim=-1)
-    chosen = logprobs.gather(1, tokens[wanted][:, None])[:, 0].tolist()
-    max_k = max(rows[i].params.logprobs or 0 for i in wanted)
-    top_values, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (logprobs[:, :0], logprobs[:, :0].long())
-    values, ids = top_values.tolist(), top_ids.tolist()
-    for j, i in enumerate(wanted):
-        k = rows[i].params.logprobs or 0
-        top = [TokenLogprob(t, v) for t, v in zip(ids[j][:k], values[j][:k], strict=True)]
-        out[i] = SampleLogprobs(TokenLogprob(token_ids[i], chosen[j]), top)
+    index = to_device(torch.tensor(wanted), raw.device)
+    ks = [rows[i].params.logprobs or 0 for i in wanted]
+    for i, item in zip(wanted, token_logprobs(raw[index], tokens[index], ks), strict=True):
+        out[i] = item
     return out

@@ -23,9 +23,15 @@ class ScheduledSeq:
     num_new_tokens: int
 
     @property
-    def sample(self) -> bool:
-        """True when this step's tokens bring the request up to date, so its next token is sampled."""
+    def completes(self) -> bool:
+        """True when this step's tokens bring the request up to date."""
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+    @property
+    def sample(self) -> bool:
+        """True when its next token is sampled this step: it comes up to date and may generate (max_tokens 0 only
+        scores its prompt)."""
+        return self.completes and self.seq.params.max_tokens > 0
 
 
 @dataclass
@@ -127,8 +133,7 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            # at least one token is left to compute
-            hits = bm.match_prefix(seq.token_ids[: seq.num_tokens - 1], seq.params.cache_salt)
+            hits = bm.match_prefix(seq.token_ids[: seq.cacheable_prefix], seq.params.cache_salt)
             num_cached = len(hits) * bm.block_size
             num_new = min(seq.num_tokens - num_cached, budget)
             reclaimed = sum(1 for block_id in hits if bm.blocks[block_id].ref_count == 0)
@@ -168,11 +173,15 @@ class Scheduler:
         finished: list[Sequence] = []
         for item in out.scheduled:
             seq = item.seq
-            will_sample = item.sample
+            will_sample, completes = item.sample, item.completes
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_full_blocks(
                 seq.block_table, seq.token_ids, seq.num_computed_tokens, seq.params.cache_salt
             )
+            if completes and not will_sample:  # max_tokens 0: the prompt is in, and nothing is generated
+                self.running.remove(seq)
+                self._finish(seq, "length")
+                finished.append(seq)
             if not will_sample:
                 continue
             token = sampled[seq.request_id]

@@ -10,7 +10,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from worker.messages import SamplingParams
+from worker.messages import SampleLogprobs, SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -34,6 +34,8 @@ class Sequence:
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     queue_seconds: float = 0.0  # from arrival to first schedule
+    # with params.prompt_logprobs: those of prompt tokens 1, 2, ... scored so far (position p's logits score p + 1)
+    prompt_logprobs: list[SampleLogprobs] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -54,6 +56,19 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def scoring_prompt(self) -> bool:
+        """Prompt logprobs are asked for and some are not computed yet."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
+
+    @property
+    def cacheable_prefix(self) -> int:
+        """How many leading tokens the prefix cache may serve: all but the last, which is always computed; while the
+        prompt is being scored, only the positions already scored, since a cached position yields no logits."""
+        if self.scoring_prompt:
+            return min(len(self.prompt_logprobs), self.num_tokens - 1)
+        return self.num_tokens - 1
 
     @property
     def is_finished(self) -> bool:

@@ -188,6 +188,6 @@ def test_invalid_sampling_params() -> None:
         SamplingParams(temperature=float("nan"))
     assert err.value.param == "temperature"
     with pytest.raises(InvalidRequest):
-        SamplingParams(max_tokens=0)
+        SamplingParams(max_tokens=-1)
     with pytest.raises(InvalidRequest):
         SamplingParams(top_p=0.0)
