@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from app.embeddings import check_dimensions, input_token_ids, vector
 from app.errors import APIError
 from app.generation import Delta, Generation, GenerationStream, cancel_on_disconnect
+from app.generic_tools import GENERIC_FORMAT, has_tool_turns, teaches_tools, with_tool_prompt
 from app.grammar_check import GrammarCheck
 from app.logprobs import chat_logprobs, completion_logprobs
 from app.metrics import Metrics
@@ -153,11 +154,16 @@ class Serving:
         self, served: ServedModel, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
     ) -> tuple[list[int], ToolFormat | None]:
         """The conversation's prompt through the model's chat template, and the model's tool-call format when tools
-        are offered (400 if it has none, or if the template refuses the conversation)."""
+        are offered (400 if it has none, or if the template refuses the conversation). A template that teaches no
+        tools gets them, and the conversation's calls and results, in the generic Hermes prompt."""
         tokenizer = served.tokenizer
         assert tokenizer is not None
-        tool_format = _tool_format(served, tokenizer) if tools else None
-        extra = {"tools": tools} if tools else {}
+        if _generic_tools(served, tokenizer) and (tools or has_tool_turns(messages)):
+            messages = with_tool_prompt(messages, tools)
+            tool_format, extra = (GENERIC_FORMAT if tools else None), {}
+        else:
+            tool_format = _tool_format(served, tokenizer) if tools else None
+            extra = {"tools": tools} if tools else {}
         try:
             return await chat_prompt(tokenizer, messages, **extra), tool_format
         except ChatTemplateError as exc:
@@ -401,14 +407,20 @@ def _finish(reason: str | None, tool_calls: bool = False) -> Any:
     return "tool_calls" if tool_calls and reason == "stop" else "stop"
 
 
+def _generic_tools(served: ServedModel, tokenizer: Tokenizer) -> bool:
+    """Whether tools go to this model in the generic prompt: its template teaches none, and models.yaml neither
+    refuses tools nor names another format."""
+    return served.entry.tool_parser in ("auto", GENERIC_FORMAT) and not teaches_tools(tokenizer.chat_template)
+
+
 def _tool_format(served: ServedModel, tokenizer: Tokenizer) -> ToolFormat:
     """The model's tool-call format: from models.yaml, or recognised in its chat template; 400 if it has none."""
     chosen = served.entry.tool_parser
     found = detect_format(tokenizer.chat_template) if chosen == "auto" else None if chosen == "none" else chosen
     if found is None:
         raise APIError.invalid_request(
-            f"model '{served.name}' has no tool-call format: its chat template teaches none; set tool_parser "
-            "(hermes, llama3_json or mistral) in models.yaml",
+            f"model '{served.name}' takes no tool definitions: models.yaml sets tool_parser none, or its chat template "
+            "writes calls in a format tokenmill does not recognise (set tool_parser: hermes, llama3_json or mistral)",
             param="tools",
         )
     return found

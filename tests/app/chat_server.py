@@ -1,7 +1,7 @@
 """A real `tokenmill serve` for the tests of the chat-shaped APIs beside chat completions (Anthropic's Messages,
 OpenAI's Responses), started with an API key: SmolLM2 in fp32 (greedy decoding is exact, so replies can be compared
-with chat completions') and a tiny random Llama whose chat template teaches the Hermes tool-call format (tools need
-one; SmolLM2's template has none)."""
+with chat completions') a tiny random Llama whose chat template teaches the Hermes tool-call format, and the same Llama
+with tools refused (tool_parser: none)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from tests.server_harness import Server, start_server, write_registry
 
 MODEL = "smollm2"
 TOOLS_MODEL = "tiny-tools"
+NO_TOOLS_MODEL = "tiny-toolless"  # models.yaml refuses tools for it (tool_parser: none)
 TIMEOUT = 120.0
 
 
@@ -43,6 +44,13 @@ def chat_server(
                 "chat_template": str(directory / "hermes.jinja"),
                 **common,
                 "kv_cache_memory": "32MiB",
+            },
+            {
+                "name": NO_TOOLS_MODEL,
+                "source": str(tiny_dir),
+                "tool_parser": "none",
+                **common,
+                "kv_cache_memory": "8MiB",
             },
         ],
     )

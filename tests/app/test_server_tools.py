@@ -1,6 +1,7 @@
 """Tool calling through the HTTP API and the official OpenAI client, with a tiny model whose chat template teaches
 the Hermes `<tool_call>` format: tool_choice auto, required, a named function and none; streamed calls reassemble
-into the non-streamed ones; tool results in the conversation render; bad tool requests get a 400."""
+into the non-streamed ones; tool results in the conversation render; bad tool requests get a 400. The same model
+with a template that teaches no tools gets them in the generic prompt."""
 
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ ASK: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 def start_tools_server(tiny_tokenizer: PreTrainedTokenizerFast, tmp: Path) -> Server:
-    """Models 'tiny-tools' (a Hermes template) and 'tiny-plain' (no tool-call format) over one tiny Llama."""
+    """Models 'tiny-tools' (a Hermes template), 'tiny-plain' (a template that teaches no tools: the generic prompt)
+    and 'tiny-none' (tools refused) over one tiny Llama."""
     (tmp / "hermes.jinja").write_text(HERMES_TEMPLATE)
     # The tiny tokenizer spends about a token per character: tool definitions need a longer context than 512.
     config = LlamaConfig(**{**tiny_config_kwargs(tiny_tokenizer), "max_position_embeddings": 4096})
@@ -76,7 +78,8 @@ def start_tools_server(tiny_tokenizer: PreTrainedTokenizerFast, tmp: Path) -> Se
     common = {"source": str(model_dir), "dtype": "float32", "kv_cache_memory": "32MiB"}
     entries = [
         {"name": "tiny-tools", "chat_template": str(tmp / "hermes.jinja"), **common},
-        {"name": "tiny-plain", **common},  # its template teaches no tool-call format
+        {"name": "tiny-plain", **common},  # its template teaches no tools
+        {"name": "tiny-none", "tool_parser": "none", **common},
     ]
     return start_server(write_registry(tmp / "models.yaml", entries), tmp)
 
@@ -220,7 +223,7 @@ def test_tool_results_in_the_conversation_render(client: openai.OpenAI) -> None:
         ("tiny-tools", {"tools": [TOOLS[0], TOOLS[0]]}, "tools"),
         ("tiny-tools", {"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
         ("tiny-tools", {"tool_choice": "required", "guided_regex": "x"}, "tool_choice"),
-        ("tiny-plain", {}, "tools"),
+        ("tiny-none", {}, "tools"),
         ("tiny-tools", {"tool_choice": "required", "tools": [{"type": "function", "function": {
             "name": "f", "parameters": {"type": "objekt"}}}]}, "tools"),
     ],
@@ -231,3 +234,30 @@ def test_bad_tool_requests_get_a_400(client: openai.OpenAI, model: str, extra: d
         client.chat.completions.create(model=model, messages=ASK, max_tokens=4, extra_body=body)
     error = refused.value.body
     assert isinstance(error, dict) and error["param"] == param, error
+
+
+def test_a_template_without_tools_gets_the_generic_prompt_and_forced_calls(client: openai.OpenAI) -> None:
+    bare = create(client, model="tiny-plain", max_tokens=1)
+    reply = create(client, model="tiny-plain", tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
+    assert reply.usage.prompt_tokens > bare.usage.prompt_tokens + 200  # the tools' schemas are in the prompt
+    message = reply.choices[0].message
+    check_calls(message.tool_calls, {"get_weather", "get_time"})
+    assert reply.choices[0].finish_reason == "tool_calls"
+    call = message.tool_calls[0]
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    streamed = streamed_calls(
+        client, model="tiny-plain", tools=TOOLS, tool_choice="required", parallel_tool_calls=False
+    )
+    assert streamed[1] == [(c.function.name, c.function.arguments) for c in message.tool_calls]
+
+    turn: Any = [
+        *ASK,
+        {"role": "assistant", "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees, sunny"},
+    ]
+    answered = create(client, model="tiny-plain", messages=turn, tools=TOOLS, max_tokens=1)
+    assert (
+        answered.usage.prompt_tokens > create(client, model="tiny-plain", tools=TOOLS, max_tokens=1).usage.prompt_tokens
+    )
+    without_tools = create(client, model="tiny-plain", messages=turn, max_tokens=1)  # earlier calls still render
+    assert without_tools.usage.prompt_tokens < answered.usage.prompt_tokens

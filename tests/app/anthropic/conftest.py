@@ -9,11 +9,11 @@ import anthropic
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from tests.app.chat_server import MODEL, TIMEOUT, TOOLS_MODEL, chat_server
+from tests.app.chat_server import MODEL, NO_TOOLS_MODEL, TIMEOUT, TOOLS_MODEL, chat_server
 from tests.server_harness import Server
 
 API_KEY = "sk-test-messages"
-__all__ = ["API_KEY", "MODEL", "TIMEOUT", "TOOLS_MODEL"]
+__all__ = ["API_KEY", "MODEL", "NO_TOOLS_MODEL", "TIMEOUT", "TOOLS_MODEL"]
 
 
 @pytest.fixture(scope="package")

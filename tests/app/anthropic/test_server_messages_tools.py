@@ -11,7 +11,7 @@ import anthropic
 import jsonschema
 import pytest
 
-from tests.app.anthropic.conftest import MODEL, TOOLS_MODEL
+from tests.app.anthropic.conftest import NO_TOOLS_MODEL, TOOLS_MODEL
 from tests.app.test_server_tools import TIME, WEATHER
 
 TOOLS: Any = [
@@ -103,8 +103,8 @@ def test_count_tokens_counts_the_tools(client: anthropic.Anthropic) -> None:
     assert offered.input_tokens == create(client, tools=TOOLS, max_tokens=1).usage.input_tokens
 
 
-def test_tools_on_a_model_without_a_tool_format_are_refused(client: anthropic.Anthropic) -> None:
+def test_tools_on_a_model_that_refuses_them_are_refused(client: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.BadRequestError) as refused:
-        create(client, model=MODEL, tools=TOOLS, max_tokens=2)
+        create(client, model=NO_TOOLS_MODEL, tools=TOOLS, max_tokens=2)
     assert isinstance(refused.value.body, dict)
     assert refused.value.body["error"]["message"].startswith("tools: ")

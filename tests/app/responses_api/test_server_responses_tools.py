@@ -13,7 +13,7 @@ import openai
 import pytest
 from openai.types.responses import Response, ResponseFunctionToolCall
 
-from tests.app.chat_server import MODEL, TOOLS_MODEL
+from tests.app.chat_server import NO_TOOLS_MODEL, TOOLS_MODEL
 from tests.app.test_server_tools import TIME, WEATHER
 
 pytestmark = pytest.mark.slow
@@ -108,7 +108,7 @@ def test_tool_choice_none_offers_no_tools(client: openai.OpenAI) -> None:
     assert none.usage.input_tokens == bare.usage.input_tokens < offered.usage.input_tokens
 
 
-def test_tools_on_a_model_without_a_tool_format_are_refused(client: openai.OpenAI) -> None:
+def test_tools_on_a_model_that_refuses_them_are_refused(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
-        create(client, model=MODEL, tools=TOOLS, max_output_tokens=2)
+        create(client, model=NO_TOOLS_MODEL, tools=TOOLS, max_output_tokens=2)
     assert isinstance(refused.value.body, dict) and refused.value.body["param"] == "tools"
