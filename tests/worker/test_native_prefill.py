@@ -159,7 +159,9 @@ def test_chunks_take_the_kernel_their_work_calls_for_and_give_the_whole_prompts_
     from worker.model_runner import SHORT_PREFILL_ROWS, SHORT_PREFILL_WORK, BatchItem, ModelRunner
 
     def runner() -> ModelRunner:
-        return ModelRunner(copy.deepcopy(head64_runner_model), num_blocks=200, block_size=16, device=CPU)
+        run = ModelRunner(copy.deepcopy(head64_runner_model), num_blocks=200, block_size=16, device=CPU)
+        run.native_prefill = True  # the kernel's paths, also where AMX makes SDPA the default
+        return run
 
     whole = runner()
     assert whole.native_prefill and whole.native_decode
