@@ -36,6 +36,7 @@ class Choice:
     params: SamplingParams
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[SampleLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[SampleLogprobs | None] | None = None  # from the first output, where the params ask
     finish_reason: str | None = None
     num_cached_tokens: int = 0
     first_token_at: float | None = None
@@ -177,11 +178,13 @@ class Generation:
                 raise APIError.invalid_request(item.error, param=item.error_param, code="invalid_value")
             raise APIError(500, item.error, type="server_error", code=item.error_code or "model_error")
         now = time.monotonic()
+        if item.num_prompt_tokens:  # the first output, with or without a token (max_tokens 0 has none)
+            choice.queue_seconds = item.queue_seconds
+            choice.num_cached_tokens = item.num_cached_tokens
+            choice.prompt_logprobs = item.prompt_logprobs
         if item.new_token_ids:
             if choice.first_token_at is None:
                 choice.first_token_at = now
-                choice.queue_seconds = item.queue_seconds
-                choice.num_cached_tokens = item.num_cached_tokens
             elif choice.last_token_at is not None:
                 self.metrics.itl.labels(self.served.name).observe(now - choice.last_token_at)
             choice.last_token_at = now

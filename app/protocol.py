@@ -325,11 +325,15 @@ class _SamplingRequest(StructuredFields, _Body):
     min_tokens: int = Field(default=0, ge=0)
     stop_token_ids: list[int] | None = None
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS, strict=True)
+    # each prompt token's logprob given those before it, with this many alternatives (vLLM's shape)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
 
     @model_validator(mode="after")
     def _check_stream_options(self) -> Self:
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options", "stream_options is only allowed when stream is true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise invalid("prompt_logprobs", "prompt_logprobs are not available when stream is true")
         return self
 
     @property
@@ -343,7 +347,9 @@ class _SamplingRequest(StructuredFields, _Body):
         """Whether a stream ends with a usage chunk."""
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
-    def _sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(
+        self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         structured = self.structured_output()  # compiled and tried before this, off the event loop (app.serving)
         return SamplingParams(
             max_tokens=max_tokens,
@@ -358,6 +364,7 @@ class _SamplingRequest(StructuredFields, _Body):
             logit_bias=_token_id_keys(self.logit_bias or {}),
             seed=self.seed,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
             structured=structured,
@@ -437,14 +444,16 @@ class ChatCompletionRequest(_SamplingRequest):
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """`default_max_tokens` applies when the request sets no limit (typically what is left of the context)."""
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
-        return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(max_tokens, logprobs, self.prompt_logprobs)
 
 
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions. A list prompt is a batch: each prompt gets `n` choices."""
 
     prompt: Prompt
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions; null: default_max_tokens
+    # OpenAI's default for completions; null: default_max_tokens; 0 with echo: score the prompt, generate nothing
+    max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=5, strict=True)  # true/false would be the chat API's
     echo: bool = False
     best_of: int | None = None
@@ -458,7 +467,14 @@ class CompletionRequest(_SamplingRequest):
     def _check_best_of(self) -> Self:
         if self.best_of is not None and self.best_of != self.n:
             raise invalid("best_of", "best_of is not supported yet (only best_of equal to n)")
+        if self.max_tokens == 0 and not self.echo:
+            raise invalid("max_tokens", "max_tokens 0 only scores the prompt, so it needs echo true (with logprobs)")
         return self
+
+    @property
+    def echo_logprobs(self) -> int | None:
+        """The alternatives each echoed prompt token's logprobs hold (OpenAI's legacy echo with logprobs)."""
+        return self.logprobs if self.echo else None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a batch: one string or list of token ids per prompt."""
@@ -467,7 +483,8 @@ class CompletionRequest(_SamplingRequest):
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """`default_max_tokens` applies when the request sends max_tokens: null (absent means OpenAI's 16)."""
         max_tokens = self.max_tokens if self.max_tokens is not None else default_max_tokens
-        return self._sampling_params(max_tokens, self.logprobs)
+        asked = [k for k in (self.echo_logprobs, self.prompt_logprobs) if k is not None]
+        return self._sampling_params(max_tokens, self.logprobs, max(asked) if asked else None)
 
 
 class TokenizeRequest(_Body):

@@ -146,6 +146,18 @@ class CompletionLogprobs(_Response):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptTokenLogprob(_Response):
+    """vLLM's prompt_logprobs entry of one token: its logprob, its rank (1: the most likely) and its text."""
+
+    logprob: Logprob
+    rank: int
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: per prompt token (null for the first) the token and the top alternatives by token id
+PromptLogprobs = list[dict[str, PromptTokenLogprob] | None]
+
+
 # --- chat completions --------------------------------------------------------------------------------------------
 
 
@@ -172,6 +184,7 @@ class ChatCompletionResponse(_Response):
     choices: list[ChatChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, where the request asks for them
 
 
 class ChatDelta(_Response):
@@ -211,6 +224,7 @@ class CompletionChoice(_Response):
     index: int
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, where the request asks for them
 
 
 class CompletionResponse(_Response):

@@ -15,10 +15,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from app.embeddings import check_dimensions, input_token_ids, vector
 from app.errors import APIError
-from app.generation import Delta, Generation, GenerationStream, cancel_on_disconnect
+from app.generation import Choice, Delta, Generation, GenerationStream, cancel_on_disconnect
 from app.generic_tools import GENERIC_FORMAT, has_tool_turns, teaches_tools, with_tool_prompt
 from app.grammar_check import GrammarCheck
-from app.logprobs import chat_logprobs, completion_logprobs
+from app.logprobs import chat_logprobs, completion_logprobs, echo_logprobs, joined, vllm_prompt_logprobs
 from app.metrics import Metrics
 from app.model_pool import ModelPool, ServedModel
 from app.preparation import chat_prompt, completion_prompts, too_many_prompts
@@ -31,10 +31,12 @@ from app.protocol_responses import (
     ChatDelta,
     ChatResponseMessage,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionResponse,
     EmbeddingData,
     EmbeddingResponse,
     EmbeddingUsage,
+    PromptLogprobs,
     TextEvents,
     Usage,
     new_id,
@@ -243,7 +245,13 @@ class Serving:
                     finish_reason=_finish(c.finish_reason, bool(message.tool_calls) and not named) or "stop",
                 )
             )
-        out = ChatCompletionResponse(id=response_id, model=served.name, choices=choices, usage=_usage(gen))
+        out = ChatCompletionResponse(
+            id=response_id,
+            model=served.name,
+            choices=choices,
+            usage=_usage(gen),
+            prompt_logprobs=_prompt_logprobs(gen.choices[0], body.prompt_logprobs),
+        )
         return JSONResponse(out.to_dict())
 
     # --- completions ---------------------------------------------------------------------------------------------
@@ -263,8 +271,15 @@ class Serving:
         echo = [tokenizer.decode(p, skip_special_tokens=False) if body.echo else "" for p in prompts]
         want_logprobs = body.logprobs is not None
 
+        def prompt_part(choice: Choice) -> CompletionLogprobs:
+            """An echoed prompt's logprobs (OpenAI's legacy echo with logprobs), before the generated tokens'."""
+            prompt, scores = prompts[choice.prompt_index], choice.prompt_logprobs or []
+            return echo_logprobs(tokenizer, choice.detok, prompt, scores, body.logprobs or 0, echo[choice.prompt_index])
+
         if body.stream:
             sent = dict.fromkeys((c.index for c in gen.choices), 0)  # tokens whose logprobs went out, per choice
+            # an echo with logprobs goes in a choice's first chunk, with its tokens' logprobs, not ahead of them
+            unechoed = {c.index for c in gen.choices} if body.echo_logprobs is not None else set()
             plain = TextEvents(
                 lambda index, text: CompletionResponse(
                     id=response_id, model=served.name, choices=[CompletionChoice(index=index, text=text)]
@@ -275,14 +290,17 @@ class Serving:
                 choice = delta.choice
                 if not (want_logprobs or choice.finish_reason):
                     return plain.event(choice.index, delta.text)
-                logprobs = None
+                logprobs, text = None, delta.text
                 if want_logprobs:
                     echo_chars = len(echo[choice.prompt_index])
                     logprobs = completion_logprobs(choice.detok, delta.logprobs, sent[choice.index], echo_chars)
                     sent[choice.index] += len(delta.logprobs)
+                if logprobs is not None and choice.index in unechoed:
+                    unechoed.discard(choice.index)
+                    text, logprobs = echo[choice.prompt_index] + text, joined(prompt_part(choice), logprobs)
                 out = CompletionChoice(
                     index=choice.index,
-                    text=delta.text,
+                    text=text,
                     logprobs=logprobs,
                     finish_reason=_finish(choice.finish_reason),
                 )
@@ -298,22 +316,27 @@ class Serving:
                     choices=[CompletionChoice(index=c.index, text=echo[c.prompt_index])],
                 ).to_sse()
                 for c in gen.choices
-                if echo[c.prompt_index]
+                if echo[c.prompt_index] and c.index not in unechoed
             ]
             return self._stream(gen, prelude, chunk, usage if body.include_usage else None)
 
         await self.collect(gen, request)
-        choices = [
-            CompletionChoice(
-                index=c.index,
-                text=echo[c.prompt_index] + c.detok.text,
-                logprobs=completion_logprobs(c.detok, c.logprobs[: c.num_tokens], 0, len(echo[c.prompt_index]))
-                if want_logprobs
-                else None,
-                finish_reason=_finish(c.finish_reason) or "stop",
+        choices = []
+        for c in gen.choices:
+            logprobs = None
+            if want_logprobs:
+                logprobs = completion_logprobs(c.detok, c.logprobs[: c.num_tokens], 0, len(echo[c.prompt_index]))
+                if body.echo_logprobs is not None:
+                    logprobs = joined(prompt_part(c), logprobs)
+            choices.append(
+                CompletionChoice(
+                    index=c.index,
+                    text=echo[c.prompt_index] + c.detok.text,
+                    logprobs=logprobs,
+                    finish_reason=_finish(c.finish_reason) or "stop",
+                    prompt_logprobs=_prompt_logprobs(c, body.prompt_logprobs),
+                )
             )
-            for c in gen.choices
-        ]
         out = CompletionResponse(id=response_id, model=served.name, choices=choices, usage=_usage(gen))
         return JSONResponse(out.to_dict())
 
@@ -439,6 +462,13 @@ def _forced_call(
 
 def _tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _prompt_logprobs(choice: Choice, k: int | None) -> PromptLogprobs | None:
+    """vLLM's prompt_logprobs of a choice's prompt, where the request asks for them."""
+    if k is None or choice.prompt_logprobs is None:
+        return None
+    return vllm_prompt_logprobs(choice.detok, choice.prompt_logprobs, k)
 
 
 def _usage(gen: Generation) -> Usage:

@@ -162,6 +162,16 @@ def test_completion_max_tokens_defaults_to_16_and_null_means_the_server_default(
     assert completion(max_tokens=None).to_sampling_params(100).max_tokens == 100
 
 
+def test_scoring_asks_the_engine_for_prompt_logprobs() -> None:
+    """echo with logprobs scores the prompt's tokens too; prompt_logprobs asks for vLLM's; the engine computes the
+    larger of the two and each answer keeps its own number of alternatives."""
+    score = completion(echo=True, logprobs=2, max_tokens=0).to_sampling_params(100)
+    assert (score.max_tokens, score.logprobs, score.prompt_logprobs) == (0, 2, 2)
+    assert completion(logprobs=2).to_sampling_params(100).prompt_logprobs is None
+    assert completion(echo=True, logprobs=1, prompt_logprobs=4).to_sampling_params(100).prompt_logprobs == 4
+    assert chat(prompt_logprobs=3).to_sampling_params(100).prompt_logprobs == 3
+
+
 def test_tokenize_and_detokenize_requests() -> None:
     by_prompt = TokenizeRequest.model_validate({"model": "m", "prompt": "hi"})
     by_messages = TokenizeRequest.model_validate({"messages": USER, "add_generation_prompt": False})

@@ -367,18 +367,22 @@ def test_completions_text_offset_counts_characters_not_token_pieces(client: open
     args: Any = {"model": TINY, "prompt": "hi", "max_tokens": 40, "temperature": 0, "logprobs": 0, "echo": True}
     whole = client.completions.create(**args, extra_body=body).choices[0]
     echo = len("hi")
-    assert whole.text == "hi" + text and whole.logprobs is not None
-    offsets = whole.logprobs.text_offset
+    assert whole.text == "hi" + text and whole.logprobs is not None and whole.logprobs.tokens is not None
+    all_offsets = whole.logprobs.text_offset or []
+    # the echoed prompt's tokens come first (the first with no logprob), then the generated ones
+    prompt_tokens = next(i for i in range(len(whole.logprobs.tokens)) if "".join(whole.logprobs.tokens[:i]) == "hi")
+    offsets, tokens = all_offsets[prompt_tokens:], whole.logprobs.tokens[prompt_tokens:]
+    assert all_offsets[:prompt_tokens][0] == 0 and (whole.logprobs.token_logprobs or [0.0])[0] is None
     assert offsets == sorted(offsets) and offsets[0] == echo and len(set(offsets)) < len(offsets)  # some shared
-    assert whole.logprobs.tokens[-1] == "<|im_end|>"  # the grammar's end; special, so it adds no text
-    for token, offset in zip(whole.logprobs.tokens[:-1], offsets[:-1], strict=True):
+    assert tokens[-1] == "<|im_end|>"  # the grammar's end; special, so it adds no text
+    for token, offset in zip(tokens[:-1], offsets[:-1], strict=True):
         if REPLACEMENT not in token:  # a whole-character token starts exactly where its text is
             assert whole.text[offset : offset + len(token)] == token
     streamed: list[int] = []
     for chunk in client.completions.create(**args, extra_body=body, stream=True):
         for choice in chunk.choices:
             streamed += choice.logprobs.text_offset if choice.logprobs else []
-    assert streamed == offsets
+    assert streamed == all_offsets
 
 
 def test_completions_logprobs(client: openai.OpenAI) -> None:
