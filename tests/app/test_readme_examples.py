@@ -40,7 +40,7 @@ def run_example(code: str, server: Server, shell: list[str]) -> str:
 
 def test_readme_has_the_examples() -> None:
     names = {"curl-chat", "curl-stream", "curl-completions", "python-sdk", "curl-json-schema", "python-structured"}
-    names |= {"curl-messages", "python-anthropic", "curl-responses", "python-responses", "curl-rag"}
+    names |= {"curl-messages", "python-anthropic", "curl-responses", "python-responses", "curl-rag", "curl-score"}
     assert names <= examples().keys()
 
 
@@ -73,6 +73,16 @@ def test_python_sdk(server: Server) -> None:
     reply, _, stream = out.partition("\nstream: ")  # the model's text may hold newlines of its own
     assert reply.startswith("reply: ") and reply.removeprefix("reply: ").strip()
     assert stream.strip()
+
+
+def test_curl_score(server: Server) -> None:
+    reply = json.loads(run_example(examples()["curl-score"], server, ["bash", "-c"]))
+    choice = reply["choices"][0]
+    assert choice["text"] == "The capital of France is Paris" and choice["finish_reason"] == "length"
+    logprobs = choice["logprobs"]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert all(value <= 0 for value in logprobs["token_logprobs"][1:]) and len(logprobs["tokens"]) > 1
+    assert reply["usage"]["completion_tokens"] == 0
 
 
 def test_models_list_names_the_default(server: Server) -> None:
