@@ -116,3 +116,27 @@ def test_prompt_logprobs_range_is_checked() -> None:
         with pytest.raises(InvalidRequest) as err:
             SamplingParams(prompt_logprobs=bad)
         assert err.value.param == "prompt_logprobs"
+
+
+def test_a_step_that_fails_after_scoring_scores_again_once(
+    model: PreTrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of memory while sampling: the largest request fails, the other runs its step again, and each of its prompt
+    tokens still has one logprob, the forward's."""
+    prompts = {"scored": random_prompts(vocab(model), [13], seed=3)["r0"], "big": list(range(5, 45))}
+    engine = make_engine(model)
+    sample = engine.sampler.sample
+    failures = iter([True])
+
+    def failing_once(logits: torch.Tensor, rows: list[object]) -> object:
+        if next(failures, False):
+            raise torch.OutOfMemoryError("test")
+        return sample(logits, rows)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine.sampler, "sample", failing_once)
+    engine.add_request("scored", prompts["scored"], SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=K))
+    engine.add_request("big", prompts["big"], SamplingParams(max_tokens=2, temperature=0.0))
+    run = drain(engine)
+    assert run.finish == {"scored": "length", "big": "error"}
+    (first,) = [o for step in run.steps for o in step.outputs if o.request_id == "scored" and o.new_token_ids][:1]
+    assert_matches_forward(model, prompts["scored"], first.prompt_logprobs)
