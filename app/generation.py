@@ -22,6 +22,7 @@ from app.engine_client import WorkerGone
 from app.errors import APIError
 from app.metrics import Metrics
 from app.model_pool import ServedModel
+from app.protocol_responses import RequestMetrics
 from worker.messages import RequestOutput, SampleLogprobs, SamplingParams
 
 KEEPALIVE = None  # yielded by `events` when nothing happened for a while: the SSE layer sends a comment
@@ -108,6 +109,28 @@ class Generation:
     @property
     def num_completion_tokens(self) -> int:
         return sum(c.num_tokens for c in self.choices)
+
+    def request_metrics(self) -> RequestMetrics:
+        """Where the request's time went, up to now (call it once every choice has finished)."""
+        now = time.monotonic()
+        firsts = [c.first_token_at for c in self.choices if c.first_token_at is not None]
+        spans = [
+            (c.last_token_at - c.first_token_at, c.num_tokens - 1)
+            for c in self.choices
+            if c.first_token_at is not None and c.last_token_at is not None and c.num_tokens > 1
+        ]
+        seconds, gaps = sum(s for s, _ in spans), sum(g for _, g in spans)
+        gap = seconds / gaps if gaps and seconds > 0 else None
+        return RequestMetrics(
+            queue_time_ms=1e3 * max((c.queue_seconds or 0.0 for c in self.choices), default=0.0),
+            time_to_first_token_ms=1e3 * (min(firsts) - self.arrival) if firsts else None,
+            mean_inter_token_ms=1e3 * gap if gap is not None else None,
+            e2e_ms=1e3 * (max((c.last_token_at or now for c in self.choices), default=now) - self.arrival),
+            prefill_tokens=self.num_prompt_tokens - self.num_cached_tokens,
+            cached_tokens=self.num_cached_tokens,
+            decode_tokens=self.num_completion_tokens,
+            tokens_per_second=1 / gap if gap is not None else None,
+        )
 
     def start(self) -> None:
         """Call it from the request's own task: the reservation `admit` took passes to the choices' streams, which

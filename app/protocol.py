@@ -327,6 +327,7 @@ class _SamplingRequest(StructuredFields, _Body):
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS, strict=True)
     # each prompt token's logprob given those before it, with this many alternatives (vLLM's shape)
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
+    return_metrics: bool = False  # ours: the reply's own timing (`metrics`), in a stream's usage chunk
 
     @model_validator(mode="after")
     def _check_stream_options(self) -> Self:

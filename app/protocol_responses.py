@@ -99,6 +99,22 @@ class PromptTokensDetails(_Response):
     cached_tokens: int = 0
 
 
+class RequestMetrics(_Response):
+    """Where one request's time went (ours, asked for with `return_metrics` or `--request-metrics`). Times are in
+    milliseconds from the request's arrival in the API; with n > 1 or several prompts, the first token is the first
+    of any choice, and the inter-token gap and the rate count every choice's tokens."""
+
+    ALWAYS = frozenset({"time_to_first_token_ms", "mean_inter_token_ms", "tokens_per_second"})
+    queue_time_ms: float  # waiting in the worker before the first step that ran the request
+    time_to_first_token_ms: float | None  # None: no token came (max_tokens 0, or a stop before any)
+    mean_inter_token_ms: float | None  # between a choice's tokens after its first; None with fewer than two
+    e2e_ms: float  # arrival to the last token
+    prefill_tokens: int  # prompt tokens computed (the prompt less the cached ones)
+    cached_tokens: int  # prompt tokens taken from the prefix cache
+    decode_tokens: int  # generated tokens
+    tokens_per_second: float | None  # generated tokens a second after the first token (1000 / the gap)
+
+
 class Usage(_Response):
     prompt_tokens: int
     completion_tokens: int
@@ -185,6 +201,7 @@ class ChatCompletionResponse(_Response):
     usage: Usage | None = None
     system_fingerprint: str | None = None
     prompt_logprobs: PromptLogprobs | None = None  # vLLM's, where the request asks for them
+    metrics: RequestMetrics | None = None  # ours, where asked for
 
 
 class ChatDelta(_Response):
@@ -213,6 +230,7 @@ class ChatCompletionChunk(_Response):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    metrics: RequestMetrics | None = None  # in the usage chunk, where asked for
 
 
 # --- completions -------------------------------------------------------------------------------------------------
@@ -237,6 +255,7 @@ class CompletionResponse(_Response):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    metrics: RequestMetrics | None = None  # in the response or a stream's usage chunk, where asked for
 
 
 # --- models, tokenize, errors ------------------------------------------------------------------------------------

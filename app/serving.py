@@ -181,6 +181,7 @@ class Serving:
         want_logprobs = body.logprobs
         parsers = {c.index: ToolCallParser(tool_format) for c in gen.choices} if tool_format else {}
         named = body.names_a_tool  # OpenAI finishes a call to a named function with 'stop'
+        timed = body.return_metrics or self.settings.request_metrics
 
         if body.stream:
 
@@ -222,10 +223,14 @@ class Serving:
                 return ChatCompletionChunk(id=response_id, model=served.name, choices=[choice]).to_sse()
 
             def usage() -> str:
-                return ChatCompletionChunk(id=response_id, model=served.name, choices=[], usage=_usage(gen)).to_sse()
+                metrics = gen.request_metrics() if timed else None
+                out = ChatCompletionChunk(
+                    id=response_id, model=served.name, choices=[], usage=_usage(gen), metrics=metrics
+                )
+                return out.to_sse()
 
             prelude = [first(c.index) for c in gen.choices]
-            return self._stream(gen, prelude, chunk, usage if body.include_usage else None)
+            return self._stream(gen, prelude, chunk, usage if body.include_usage or timed else None)
 
         await self.collect(gen, request)
         choices = []
@@ -251,6 +256,7 @@ class Serving:
             choices=choices,
             usage=_usage(gen),
             prompt_logprobs=_prompt_logprobs(gen.choices[0], body.prompt_logprobs),
+            metrics=gen.request_metrics() if timed else None,
         )
         return JSONResponse(out.to_dict())
 
@@ -270,6 +276,7 @@ class Serving:
         response_id = new_id("cmpl")
         echo = [tokenizer.decode(p, skip_special_tokens=False) if body.echo else "" for p in prompts]
         want_logprobs = body.logprobs is not None
+        timed = body.return_metrics or self.settings.request_metrics
 
         def prompt_part(choice: Choice) -> CompletionLogprobs:
             """An echoed prompt's logprobs (OpenAI's legacy echo with logprobs), before the generated tokens'."""
@@ -307,7 +314,11 @@ class Serving:
                 return CompletionResponse(id=response_id, model=served.name, choices=[out]).to_sse()
 
             def usage() -> str:
-                return CompletionResponse(id=response_id, model=served.name, choices=[], usage=_usage(gen)).to_sse()
+                metrics = gen.request_metrics() if timed else None
+                out = CompletionResponse(
+                    id=response_id, model=served.name, choices=[], usage=_usage(gen), metrics=metrics
+                )
+                return out.to_sse()
 
             prelude = [
                 CompletionResponse(
@@ -318,7 +329,7 @@ class Serving:
                 for c in gen.choices
                 if echo[c.prompt_index] and c.index not in unechoed
             ]
-            return self._stream(gen, prelude, chunk, usage if body.include_usage else None)
+            return self._stream(gen, prelude, chunk, usage if body.include_usage or timed else None)
 
         await self.collect(gen, request)
         choices = []
@@ -337,7 +348,8 @@ class Serving:
                     prompt_logprobs=_prompt_logprobs(c, body.prompt_logprobs),
                 )
             )
-        out = CompletionResponse(id=response_id, model=served.name, choices=choices, usage=_usage(gen))
+        metrics = gen.request_metrics() if timed else None
+        out = CompletionResponse(id=response_id, model=served.name, choices=choices, usage=_usage(gen), metrics=metrics)
         return JSONResponse(out.to_dict())
 
     # --- embeddings ----------------------------------------------------------------------------------------------

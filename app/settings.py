@@ -113,6 +113,11 @@ class Settings(BaseSettings):
         description="send an SSE comment on a stream silent this long, where a proxy cuts idle streams before a long "
         "prompt's first token (OpenAI sends none, and some clients' parsers fail on them)",
     )
+    request_metrics: bool = Field(
+        default=False,
+        description="give every chat and completions reply its own timing (`metrics`: queue, time to first token, "
+        "inter-token gap, tokens per second); without it a request asks with `return_metrics`",
+    )
     worker_start_timeout: float = Field(
         default=600.0, gt=0, description="seconds a worker may take to load its model and report ready"
     )

@@ -36,6 +36,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "body_read_timeout": ("2.5", 2.5),
     "request_timeout": ("60", 60.0),
     "keepalive_seconds": ("5", 5.0),
+    "request_metrics": ("true", True),
     "worker_start_timeout": ("90", 90.0),
     "watchdog_seconds": ("20", 20.0),
     "max_worker_restarts": ("1", 1),
