@@ -30,7 +30,7 @@ from worker.registry import ModelEntry, Registry
 log = logging.getLogger("tokenmill.models")
 
 # Fields only the API process reads: changing them never restarts a worker.
-APP_ONLY_FIELDS = frozenset({"aliases", "load", "keep_alive", "tool_parser"})
+APP_ONLY_FIELDS = frozenset({"aliases", "load", "keep_alive", "tool_parser", "reasoning_parser"})
 
 
 def _worker_view(entry: ModelEntry) -> dict[str, object]:

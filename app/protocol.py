@@ -16,6 +16,7 @@ from pydantic_core import PydanticCustomError
 
 from app.errors import invalid
 from app.protocol_structured import StructuredFields
+from app.tokenizer import TEMPLATE_ARGUMENTS
 from worker.messages import MAX_CACHE_SALT_CHARS, InvalidRequest, SamplingParams
 
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]+")
@@ -392,6 +393,7 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = Field(default=False, strict=True)
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more variables for the chat template
 
     @model_validator(mode="before")
     @classmethod
@@ -415,6 +417,10 @@ class ChatCompletionRequest(_SamplingRequest):
             raise invalid("tool_choice", "tool_choice 'required' needs tools")
         if self.forces_tool_call and self.structured_output() is not None:
             raise invalid("tool_choice", "a forced tool call cannot be combined with another structured output")
+        taken = sorted(TEMPLATE_ARGUMENTS.intersection(self.chat_template_kwargs or {}))
+        if taken:
+            message = f"chat_template_kwargs may not set {', '.join(taken)}: the server gives them to the template"
+            raise invalid("chat_template_kwargs", message)
         return self
 
     @property

@@ -182,6 +182,8 @@ class ChatResponseMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    reasoning_content: str | None = None  # the thinking (vLLM's name); `reasoning` is the same text (the newer name)
+    reasoning: str | None = None
 
 
 class ChatChoice(_Response):
@@ -210,6 +212,8 @@ class ChatDelta(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # ToolCallDelta.to_dict(): index, then id/type/name, arguments
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatChunkChoice(_Response):

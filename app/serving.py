@@ -41,6 +41,7 @@ from app.protocol_responses import (
     Usage,
     new_id,
 )
+from app.reasoning import ReasoningSplitter, check_thinking_constraint, parses_reasoning, prompt_opens_thinking
 from app.settings import Settings
 from app.tokenizer import ChatTemplateError, Tokenizer
 from app.tool_calls import ToolCallParser, ToolFormat, detect_format, forced_call_grammar
@@ -53,12 +54,13 @@ ChunkBuilder = Callable[[Delta], str]
 
 @dataclass
 class ChatRun:
-    """A chat-shaped request, admitted and ready to run: its model, generation, and tool-call format if it offers
-    tools."""
+    """A chat-shaped request, admitted and ready to run: its model, generation, tool-call format if it offers tools,
+    and whether its reply is split into reasoning and content (None: not; True: the prompt opened the thinking)."""
 
     served: ServedModel
     generation: Generation
     tool_format: ToolFormat | None
+    thinking: bool | None = None
 
 
 class Serving:
@@ -140,20 +142,28 @@ class Serving:
         forced: list[dict[str, Any]] | None,
         parallel: bool,
         structured: StructuredOutput | None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> ChatRun:
         """What every chat-shaped API (chat completions, Anthropic's messages) does before it runs: admit, template
         and tokenize with the offered `tools` (OpenAI tool definitions), force a call to one of `forced` (one or more
         calls if `parallel`) or apply `structured`, check the grammar, and build the generation. `body` gives model, n,
-        stop_strings, timeout and to_sampling_params."""
+        stop_strings, timeout and to_sampling_params; `template_kwargs` go to the chat template."""
         served = await self._admit(body.model, 1, body.n)
-        prompt, tool_format = await self.chat_prompt(served, messages, tools)
+        prompt, tool_format = await self.chat_prompt(served, messages, tools, template_kwargs)
         assert served.tokenizer is not None
+        thinking = _thinking(served, served.tokenizer, prompt)
         grammar = _forced_call(tool_format, served.tokenizer, forced, parallel) if forced else None
+        if thinking:
+            check_thinking_constraint(served.name, grammar or structured)
         await self.grammar_check(served, grammar or structured)
-        return ChatRun(served, self._generation(served, [prompt], body, grammar), tool_format)
+        return ChatRun(served, self._generation(served, [prompt], body, grammar), tool_format, thinking)
 
     async def chat_prompt(
-        self, served: ServedModel, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+        self,
+        served: ServedModel,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        template_kwargs: dict[str, Any] | None = None,
     ) -> tuple[list[int], ToolFormat | None]:
         """The conversation's prompt through the model's chat template, and the model's tool-call format when tools
         are offered (400 if it has none, or if the template refuses the conversation). A template that teaches no
@@ -167,7 +177,7 @@ class Serving:
             tool_format = _tool_format(served, tokenizer) if tools else None
             extra = {"tools": tools} if tools else {}
         try:
-            return await chat_prompt(tokenizer, messages, **extra), tool_format
+            return await chat_prompt(tokenizer, messages, **(template_kwargs or {}), **extra), tool_format
         except ChatTemplateError as exc:
             raise APIError.invalid_request(str(exc), param="messages") from exc
 
@@ -175,11 +185,13 @@ class Serving:
         messages = [m.to_template() for m in body.messages]
         forced = body.forced_tools() if body.forces_tool_call else None
         parallel = body.parallel_tool_calls and not body.names_a_tool
-        run = await self.start_chat(body, messages, body.offered_tools(), forced, parallel, body.structured_output())
-        served, gen, tool_format = run.served, run.generation, run.tool_format
+        structured, template_kwargs = body.structured_output(), body.chat_template_kwargs
+        run = await self.start_chat(body, messages, body.offered_tools(), forced, parallel, structured, template_kwargs)
+        served, gen, tool_format, thinking = run.served, run.generation, run.tool_format, run.thinking
         response_id = new_id("chatcmpl")
         want_logprobs = body.logprobs
         parsers = {c.index: ToolCallParser(tool_format) for c in gen.choices} if tool_format else {}
+        splitters = {c.index: ReasoningSplitter(thinking) for c in gen.choices} if thinking is not None else {}
         named = body.names_a_tool  # OpenAI finishes a call to a named function with 'stop'
         timed = body.return_metrics or self.settings.request_metrics
 
@@ -199,23 +211,31 @@ class Serving:
 
             def chunk(delta: Delta) -> str:
                 reason = delta.choice.finish_reason
-                if not (want_logprobs or parsers or reason):
+                if not (want_logprobs or parsers or splitters or reason):
                     return plain.event(delta.choice.index, delta.text)
                 logprobs = chat_logprobs(delta.choice.detok, delta.logprobs) if want_logprobs else None
-                content, calls = delta.text, None
+                thought, content, calls = "", delta.text, None
+                splitter = splitters.get(delta.choice.index)
+                if splitter is not None:
+                    thought, content = _joined(splitter.feed(delta.text), splitter.finish() if reason else ("", ""))
                 parser = parsers.get(delta.choice.index)
                 if parser is not None:
-                    content, tool_deltas = parser.feed(delta.text)
+                    content, tool_deltas = parser.feed(content)
                     if reason:
                         rest, more = parser.finish()
                         content, tool_deltas = content + rest, tool_deltas + more
                     calls = [d.to_dict() for d in tool_deltas] or None
-                    if not (content or calls or reason or logprobs):
-                        return ""  # all held back: a marker may be starting
+                if (parser or splitter) and not (thought or content or calls or reason or logprobs):
+                    return ""  # all held back: a marker may be starting
                 choice = ChatChunkChoice(
                     index=delta.choice.index,
-                    delta=ChatDelta(content=content or None if calls else content, tool_calls=calls)
-                    if content or calls or not reason
+                    delta=ChatDelta(
+                        content=content or None if calls or thought else content,
+                        tool_calls=calls,
+                        reasoning_content=thought or None,
+                        reasoning=thought or None,
+                    )
+                    if content or calls or thought or not reason
                     else ChatDelta(),
                     logprobs=logprobs,
                     finish_reason=_finish(reason, bool(parser and parser.calls) and not named),
@@ -235,13 +255,18 @@ class Serving:
         await self.collect(gen, request)
         choices = []
         for c in gen.choices:
-            message = ChatResponseMessage(content=c.detok.text)
+            whole = ReasoningSplitter(thinking) if thinking is not None else None
+            thought, text = whole.split_all(c.detok.text) if whole else ("", c.detok.text)
+            content, tool_calls = text, None
             if tool_format is not None:
-                content, calls = ToolCallParser(tool_format).parse_all(c.detok.text)
-                tool_calls = [_tool_call(call.id, call.name, call.arguments) for call in calls]
-                message = ChatResponseMessage(
-                    content=content or None if calls else content, tool_calls=tool_calls or None
-                )
+                content, calls = ToolCallParser(tool_format).parse_all(text)
+                tool_calls = [_tool_call(call.id, call.name, call.arguments) for call in calls] or None
+            message = ChatResponseMessage(
+                content=content or None if tool_calls or thought else content,
+                tool_calls=tool_calls,
+                reasoning_content=thought or None,
+                reasoning=thought or None,
+            )
             choices.append(
                 ChatChoice(
                     index=c.index,
@@ -446,6 +471,21 @@ def _generic_tools(served: ServedModel, tokenizer: Tokenizer) -> bool:
     """Whether tools go to this model in the generic prompt: its template teaches none, and models.yaml neither
     refuses tools nor names another format."""
     return served.entry.tool_parser in ("auto", GENERIC_FORMAT) and not teaches_tools(tokenizer.chat_template)
+
+
+def _thinking(served: ServedModel, tokenizer: Tokenizer, prompt: list[int]) -> bool | None:
+    """None where the model's replies are not split into reasoning and content; else whether the prompt's end (the
+    generation prompt) opened the thinking."""
+    if not parses_reasoning(served.entry.reasoning_parser, tokenizer.chat_template):
+        return None
+    return prompt_opens_thinking(tokenizer.decode(prompt[-_PROMPT_TAIL:], skip_special_tokens=False))
+
+
+_PROMPT_TAIL = 16  # tokens: enough to hold `<think>` and the whitespace after it, however the vocabulary splits them
+
+
+def _joined(first: tuple[str, str], second: tuple[str, str]) -> tuple[str, str]:
+    return first[0] + second[0], first[1] + second[1]
 
 
 def _tool_format(served: ServedModel, tokenizer: Tokenizer) -> ToolFormat:

@@ -19,6 +19,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from llguidance import LLTokenizer
 from tokenizers import Tokenizer as FastTokenizer
 
+# What the server itself gives a chat template; a request's chat_template_kwargs may not replace them.
+TEMPLATE_ARGUMENTS = frozenset(
+    {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "raise_exception", "strftime_now"}
+)
+
 
 class ChatTemplateError(ValueError):
     """The conversation cannot be rendered (the template raised, or the model has no template)."""

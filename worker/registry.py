@@ -86,6 +86,8 @@ class ModelEntry(BaseModel):
     quantization: Literal["none", "int8", "nf4", "fp4", "gguf"] = "none"
     lora: LoraSpec | None = None
     tool_parser: Literal["auto", "hermes", "llama3_json", "mistral", "none"] = "auto"  # auto: from the template
+    # deepseek_r1: text between <think> and </think> is reasoning; auto: that, when the chat template writes <think>
+    reasoning_parser: Literal["auto", "deepseek_r1", "none"] = "auto"
     aliases: list[str] = Field(default_factory=list)  # other names clients may send
     chat_template: str | None = None  # a Jinja file that overrides the tokenizer's template
     load: Literal["eager", "lazy"] = "eager"  # lazy: load on the first request
