@@ -52,6 +52,7 @@ def with_tool_prompt(messages: list[dict[str, Any]], tools: list[dict[str, Any]]
     first, as one), each assistant call written as a `<tool_call>` block after its text, and each run of tool results
     as one user message of `<tool_response>` blocks."""
     out: list[dict[str, Any]] = []
+    previous = None
     for message in messages:
         role, content = message["role"], message.get("content") or ""
         if role == "assistant" and message.get("tool_calls"):
@@ -59,14 +60,13 @@ def with_tool_prompt(messages: list[dict[str, Any]], tools: list[dict[str, Any]]
             out.append({"role": "assistant", "content": "\n".join(filter(None, [content, *blocks]))})
         elif role == "tool":
             block = f"<tool_response>\n{content}\n</tool_response>"
-            if out and out[-1].get("tool_results"):
+            if previous == "tool":
                 out[-1]["content"] += "\n" + block
             else:
-                out.append({"role": "user", "content": block, "tool_results": True})
+                out.append({"role": "user", "content": block})
         else:
             out.append({key: value for key, value in message.items() if key != "tool_call_id"})
-    for message in out:
-        message.pop("tool_results", None)
+        previous = role
     if tools:
         prompt = TOOL_PROMPT.format(tools="\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools))
         if out and out[0]["role"] == "system":

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Literal
 
 from app.errors import APIError
+from app.tool_calls import partial_marker
 from worker.messages import StructuredOutput
 
 OPEN, CLOSE = "<think>", "</think>"
@@ -62,7 +63,6 @@ class ReasoningSplitter:
     def __init__(self, thinking: bool) -> None:
         self.state: _State = "reasoning" if thinking else "start"
         self.buffer = ""
-        self.saw_reasoning = thinking
 
     def feed(self, text: str) -> tuple[str, str]:
         self.buffer += text
@@ -71,7 +71,7 @@ class ReasoningSplitter:
             if self.state == "start":
                 stripped = self.buffer.lstrip()
                 if stripped.startswith(OPEN):
-                    self.state, self.buffer, self.saw_reasoning = "reasoning", stripped[len(OPEN) :], True
+                    self.state, self.buffer = "reasoning", stripped[len(OPEN) :]
                 elif OPEN.startswith(stripped):
                     break  # nothing but whitespace, or the start of `<think>`: undecided
                 else:
@@ -79,7 +79,7 @@ class ReasoningSplitter:
             elif self.state == "reasoning":
                 at = self.buffer.find(CLOSE)
                 if at < 0:
-                    shown = len(self.buffer) - _partial_marker(self.buffer, CLOSE)
+                    shown = len(self.buffer) - partial_marker(self.buffer, CLOSE)
                     reasoning, self.buffer = reasoning + self.buffer[:shown], self.buffer[shown:]
                     break
                 reasoning, self.buffer = reasoning + self.buffer[:at], self.buffer[at + len(CLOSE) :]
@@ -104,11 +104,3 @@ class ReasoningSplitter:
         reasoning, content = self.feed(text)
         more_reasoning, more_content = self.finish()
         return reasoning + more_reasoning, content + more_content
-
-
-def _partial_marker(text: str, marker: str) -> int:
-    """The length of the longest end of `text` that begins `marker` (a marker that may be arriving)."""
-    for size in range(min(len(text), len(marker) - 1), 0, -1):
-        if marker.startswith(text[-size:]):
-            return size
-    return 0

@@ -285,7 +285,7 @@ class ToolCallParser:
         elif self.bare_undecided and self.spec.bare_start is not None:
             end = self.content_sent
         else:
-            end = len(self.text) - _partial_suffix(self.text, self.spec.marker)
+            end = len(self.text) - partial_marker(self.text, self.spec.marker)
         end = max(end, self.content_sent)
         content, self.content_sent = self.text[self.content_sent : end], end
         return content
@@ -316,8 +316,8 @@ class ToolCallParser:
         return deltas
 
 
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `marker`."""
+def partial_marker(text: str, marker: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `marker` (a marker that may be arriving)."""
     for size in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-size:]):
             return size
