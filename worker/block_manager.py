@@ -126,6 +126,14 @@ class BlockManager:
                 self.cached.setdefault(block.block_hash, block.block_id)
             parent = block.block_hash
 
+    def shrink(self, block_table: list[int], num_tokens: int) -> None:
+        """Drop the blocks past the first `num_tokens` tokens' (those of proposed tokens that were not kept)."""
+        keep = -(-num_tokens // self.block_size)
+        if len(block_table) > keep:
+            tail = block_table[keep:]
+            del block_table[keep:]
+            self.free(tail)
+
     def free(self, block_table: list[int]) -> None:
         """Drop a sequence's references. Its last blocks go first in the eviction order (they are least shared)."""
         for block_id in reversed(block_table):

@@ -30,10 +30,12 @@ from worker.messages import (
 )
 from worker.model_runner import BatchItem, ModelRunner, flash_backend_fits, kv_bytes_per_token
 from worker.prompt_logprobs import score_rows, split_scores
-from worker.registry import ModelEntry
+from worker.registry import ModelEntry, SpeculativeSpec
 from worker.sampler import SampleInput, Sampler
-from worker.scheduler import Scheduler, SchedulerOutput
+from worker.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from worker.sequence import Sequence
+from worker.spec_decode.speculator import SpecCounts, Speculator
+from worker.spec_decode.verify import Verified, verify
 from worker.step_budget import StepBudget
 from worker.structured import GrammarMasks
 
@@ -72,10 +74,12 @@ class Engine:
         gpu_memory_utilization: float = 0.9,
         cuda_graphs: bool = True,
         prefill_chunk_ratio: float = 0.0,
+        speculative: SpeculativeSpec | None = None,
     ) -> None:
         """`num_blocks` None: size the KV pool on CUDA from a profiling forward (worker.kv_budget). `cuda_graphs`:
         capture decode graphs at start where the device is a CUDA one. `prefill_chunk_ratio`: while requests decode,
-        a step's prompt tokens may cost at most this many decode-only steps (`worker.step_budget`; 0: no bound)."""
+        a step's prompt tokens may cost at most this many decode-only steps (`worker.step_budget`; 0: no bound).
+        `speculative`: propose tokens for decoding requests to verify (`worker.spec_decode`); None: one a step."""
         self.name = name
         self.tokenizer_dir = tokenizer_dir
         self.max_model_len = max_model_len
@@ -104,6 +108,8 @@ class Engine:
         if cuda_graphs and device.type == "cuda":
             log.info("%s: %s", name, self.runner.capture_decode_graphs(max_num_seqs, max_model_len))
         self.sampler = Sampler(seed)
+        use = speculative is not None and speculative.method != "none"
+        self.speculator = Speculator(speculative) if use and speculative is not None else None
         self.grammar = GrammarMasks(tokenizer_dir, self.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         self.pending: list[RequestOutput] = []  # outputs owed to the client outside a forward (aborts)
@@ -138,6 +144,7 @@ class Engine:
             gpu_memory_utilization=entry.gpu_memory_utilization,
             cuda_graphs=entry.cuda_graphs,
             prefill_chunk_ratio=entry.prefill_chunk_ratio,
+            speculative=entry.speculative,
         )
         log.info(
             "%s: KV cache %d blocks x %d tokens = %d tokens (%.0f MiB, %d bytes/token)",
@@ -218,6 +225,8 @@ class Engine:
         start = time.perf_counter()
         outputs, self.pending = self.pending, []
         outputs.extend(self._schedule_compiled(idle=not (outputs or self.scheduler.has_work())))
+        if self.speculator is not None:
+            self._propose()
         plan = self.scheduler.schedule()
         if plan.scheduled:
             try:
@@ -237,7 +246,8 @@ class Engine:
         self.step_count += 1
         seconds = time.perf_counter() - start
         if plan.scheduled:
-            decodes = sum(1 for item in plan.scheduled if item.num_new_tokens == 1 and item.seq.num_output_tokens > 1)
+            # a decode's rows, proposed tokens included, are priced as streams: each is a row of the projections
+            decodes = sum(item.num_new_tokens for item in plan.scheduled if self._decodes(item))
             self.step_budget.observe(plan.num_batched_tokens - decodes, decodes, seconds)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
@@ -252,45 +262,60 @@ class Engine:
 
     def _run(self, plan: SchedulerOutput) -> list[RequestOutput]:
         items = []
-        rows: list[SampleInput] = []
+        rows: list[SampleInput] = []  # one a sampling request; a request verifying k proposed tokens has k + 1
+        drafts: list[list[int]] = []  # per sampling request, the proposed tokens it verifies
         for item in plan.scheduled:
             seq = item.seq
-            first, count = seq.num_computed_tokens, item.num_new_tokens
-            fed = seq.token_ids[first : first + count]
-            items.append(BatchItem(fed, first, seq.block_table, item.sample, score_rows(seq, first, count)))
+            first, own = seq.num_computed_tokens, item.num_new_tokens - len(item.drafts)
+            fed = seq.token_ids[first : first + own] + item.drafts
+            # a verifying request keeps the logits of every proposed token's position too
+            kept = range(len(item.drafts)) if item.drafts else score_rows(seq, first, own)
+            items.append(BatchItem(fed, first, seq.block_table, item.sample, kept))
             if item.sample:
-                rows.append(self._sample_input(seq))
+                rows.extend(self._sample_input(seq, item.drafts[:i]) for i in range(len(item.drafts) + 1))
+                drafts.append(item.drafts)
         if self.fault_hook is not None:
             self.fault_hook([item.seq.prompt_token_ids for item in plan.scheduled])
-        masks = self.grammar.start([row.request_id for row in rows])  # computed while the model runs
+        firsts = self._first_rows(rows, drafts)
+        # computed while the model runs; a request with a grammar never proposes
+        masks = self.grammar.start(
+            [row.request_id for row, proposed in zip(firsts, drafts, strict=True) if not proposed]
+        )
         logits, scores = split_scores(self.runner.execute(items), items, [item.seq for item in plan.scheduled])
         for row, allowed in zip(rows, self._allowed(rows, self.grammar.finish(masks)), strict=True):
             row.allowed = allowed
-        sampled = self.sampler.sample(logits, rows) if rows else None
-        tokens = dict(zip((row.request_id for row in rows), sampled.token_ids, strict=True)) if sampled else {}
+        verified = self._sample(logits, rows, drafts)
+        tokens = {rid: v.token_ids for rid, v in verified.items()}
+        lengths = {seq.request_id: seq.num_tokens for seq in (item.seq for item in plan.scheduled)}
         finished = {seq.request_id for seq in self.scheduler.update(plan, tokens)}
         for request_id, prompt_logprobs in scores.items():  # kept only now that the step has certainly happened
             self.requests[request_id].prompt_logprobs.extend(prompt_logprobs)
         broken = {
-            rid: error for rid, token in tokens.items() if (error := self.grammar.advance(rid, token)) is not None
+            rid: error for rid, kept in tokens.items() if (error := self.grammar.advance(rid, kept[0])) is not None
         }
 
         outputs = []
-        for index, row in enumerate(rows):
-            seq = self.requests[row.request_id]
-            if row.request_id in broken and row.request_id not in finished:
-                error = broken[row.request_id]
-                log.error("structured output of %s broke: %s", row.request_id, error)
+        for item in plan.scheduled:
+            request_id = item.seq.request_id
+            if request_id not in verified:
+                continue
+            seq = self.requests[request_id]
+            if request_id in broken and request_id not in finished:
+                error = broken[request_id]
+                log.error("structured output of %s broke: %s", request_id, error)
                 outputs.append(self._fail(seq, f"the structured output failed: {error}", "model_error"))
                 continue
-            logprobs = sampled.logprobs[index] if sampled else None
-            output = self._first_output(seq) if seq.num_output_tokens == 1 else RequestOutput(row.request_id, [])
-            output.new_token_ids = [tokens[row.request_id]]
-            output.finish_reason = seq.finish_reason if row.request_id in finished else None
-            output.logprobs = [logprobs] if logprobs is not None else None
+            appended = seq.token_ids[lengths[request_id] :]  # what was kept: a stop drops the tokens after it
+            if item.drafts and self.speculator is not None:
+                self.speculator.accepted(request_id, len(item.drafts), len(tokens[request_id]) - 1)
+            first = seq.num_output_tokens == len(appended)
+            output = self._first_output(seq) if first else RequestOutput(request_id, [])
+            output.new_token_ids = appended
+            output.finish_reason = seq.finish_reason if request_id in finished else None
+            logprobs = verified[request_id].logprobs
+            output.logprobs = logprobs[: len(appended)] if logprobs is not None else None
             outputs.append(output)
-        sampled_ids = {row.request_id for row in rows}
-        for request_id in finished - sampled_ids:  # max_tokens 0: the prompt is in, and that is all
+        for request_id in finished - verified.keys():  # max_tokens 0: the prompt is in, and that is all
             seq = self.requests[request_id]
             output = self._first_output(seq)
             output.finish_reason = seq.finish_reason
@@ -299,6 +324,44 @@ class Engine:
             del self.requests[request_id]
             self._release(request_id)
         return outputs
+
+    @staticmethod
+    def _first_rows(rows: list[SampleInput], drafts: list[list[int]]) -> list[SampleInput]:
+        """Each sampling request's first row."""
+        firsts, start = [], 0
+        for proposed in drafts:
+            firsts.append(rows[start])
+            start += len(proposed) + 1
+        return firsts
+
+    def _sample(self, logits: torch.Tensor, rows: list[SampleInput], drafts: list[list[int]]) -> dict[str, Verified]:
+        """Each sampling request's new tokens and their logprobs: one sampled token where it proposed none, else the
+        proposed tokens it keeps and one more (`worker.spec_decode.verify`)."""
+        if not rows:
+            return {}
+        if not any(drafts):
+            sampled = self.sampler.sample(logits, rows)
+            return {
+                row.request_id: Verified([token], None if logprobs is None else [logprobs])
+                for row, token, logprobs in zip(rows, sampled.token_ids, sampled.logprobs, strict=True)
+            }
+        verified = verify(self.sampler, logits, rows, drafts)
+        return {row.request_id: v for row, v in zip(self._first_rows(rows, drafts), verified, strict=True)}
+
+    @staticmethod
+    def _decodes(item: ScheduledSeq) -> bool:
+        """Whether a scheduled request decodes: it feeds its last sampled token (and any proposed ones)."""
+        return bool(item.drafts) or (item.num_new_tokens == 1 and item.seq.num_output_tokens > 1)
+
+    def _propose(self) -> None:
+        """Proposed tokens for the decoding requests, where they pay at the coming step's size (`Speculator`)."""
+        assert self.speculator is not None
+        running = self.scheduler.running
+        decoding = [s for s in running if s.num_tokens - s.num_computed_tokens == 1 and s.num_output_tokens > 0]
+        budget = self.step_budget
+        stream = budget.stream_seconds if budget.stream_seconds is not None else budget.token_seconds
+        rows = stream * len(running) if stream is not None else 0.0
+        self.speculator.propose(decoding, self.max_model_len, rows / (budget.fixed + rows))
 
     def _first_output(self, seq: Sequence) -> RequestOutput:
         """A request's first output: what it cost to start, and its prompt's logprobs where it asked for them."""
@@ -342,6 +405,8 @@ class Engine:
 
     def _release(self, request_id: str) -> None:
         self.sampler.release(request_id)
+        if self.speculator is not None:
+            self.speculator.release(request_id)
         self.grammar.release(request_id)
 
     def _fail(self, seq: Sequence, message: str, code: str) -> RequestOutput:
@@ -353,15 +418,19 @@ class Engine:
             self._release(seq.request_id)
         return RequestOutput(seq.request_id, [], "error", error=message, error_code=code)
 
-    def _sample_input(self, seq: Sequence) -> SampleInput:
+    def _sample_input(self, seq: Sequence, proposed: list[int]) -> SampleInput:
+        """The sampler's view of `seq` after `proposed` tokens (kept ones count as output for penalties and
+        min_tokens)."""
         params = seq.params
+        output = seq.output_token_ids + proposed
         suppress: list[int] = []
-        if seq.num_output_tokens < params.min_tokens and params.structured is None:  # a grammar decides its end
+        if len(output) < params.min_tokens and params.structured is None:  # a grammar decides its end
             suppress = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids)
-        return SampleInput(seq.request_id, params, seq.prompt_token_ids, seq.output_token_ids, suppress)
+        return SampleInput(seq.request_id, params, seq.prompt_token_ids, output, suppress)
 
     def stats(self, step_tokens: int = 0, step_seconds: float = 0.0) -> EngineStats:
         sched = self.scheduler
+        spec = self.speculator.counts if self.speculator is not None else SpecCounts()
         return EngineStats(
             num_running=len(sched.running),
             num_waiting=len(sched.waiting),
@@ -374,4 +443,8 @@ class Engine:
             step_seconds=step_seconds,
             grammar_mask_seconds=self.grammar.mask_seconds,
             grammar_wait_seconds=self.grammar.wait_seconds,
+            spec_num_drafts=spec.num_drafts,
+            spec_num_draft_tokens=spec.num_draft_tokens,
+            spec_num_accepted_tokens=spec.num_accepted_tokens,
+            spec_accepted_per_position=list(spec.accepted_per_position),
         )

@@ -189,6 +189,11 @@ class EngineStats(msgspec.Struct):
     step_seconds: float = 0.0
     grammar_mask_seconds: float = 0.0  # cumulative: computing structured-output masks (overlapped with forwards)
     grammar_wait_seconds: float = 0.0  # cumulative: steps waiting for those masks after their forward
+    # cumulative, speculative decoding: verifications, tokens proposed, tokens kept, and kept by position proposed
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_position: list[int] = msgspec.field(default_factory=list)
 
 
 class StepOutput(msgspec.Struct, tag=True):

@@ -31,16 +31,19 @@ def score_rows(seq: Sequence, first: int, num_new: int) -> range:
 def split_scores(
     logits: torch.Tensor, items: list[BatchItem], seqs: list[Sequence]
 ) -> tuple[torch.Tensor, dict[str, list[SampleLogprobs]]]:
-    """The logits of a step's sampling rows, and the prompt logprobs its scored rows give, by request. `logits` are
-    what `ModelRunner.execute(items)` returned; `seqs` the items' sequences."""
-    sample: list[int] = []  # the row of each item that samples
+    """The logits of a step's sampling rows (with a decode's rows of proposed tokens), and the prompt logprobs its
+    scored rows give, by request. `logits` are what `ModelRunner.execute(items)` returned; `seqs` the items'
+    sequences."""
+    sample: list[int] = []  # the rows of each item that samples
     scores: dict[str, list[SampleLogprobs]] = {}
     offset = 0
     for item, seq in zip(items, seqs, strict=True):
-        if item.score_rows:
-            rows = range(offset, offset + len(item.score_rows))
+        rows = range(offset, offset + len(item.score_rows))
+        if rows and seq.scoring_prompt:
             scores[seq.request_id] = score(logits, rows, seq, item.num_computed + item.score_rows.start)
-            offset += len(rows)
+        elif rows:  # a decode's kept rows before its last: those of the proposed tokens it verifies
+            sample.extend(rows)
+        offset += len(rows)
         if item.sample:
             sample.append(offset)
             offset += 1

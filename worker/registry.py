@@ -73,6 +73,28 @@ class LoraSpec(BaseModel):
         return value
 
 
+class SpeculativeSpec(BaseModel):
+    """Speculative decoding: tokens proposed ahead and verified in the same forward as the stream's own
+    (`worker.spec_decode`). ngram: proposed from what followed an earlier occurrence of the last few tokens in the
+    prompt or output; none: one token a step."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["ngram", "none"] = "ngram"
+    num_tokens: int = Field(default=4, ge=1, le=16)  # the most tokens proposed a step
+    prompt_lookup_min: int = Field(default=2, ge=1, le=16)  # ngram: the shortest run of last tokens matched
+    prompt_lookup_max: int = Field(default=5, ge=1, le=16)  # ngram: the longest, tried first
+
+    @model_validator(mode="after")
+    def _lookup_range(self) -> SpeculativeSpec:
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(
+                f"prompt_lookup_min ({self.prompt_lookup_min}) must not exceed prompt_lookup_max "
+                f"({self.prompt_lookup_max})"
+            )
+        return self
+
+
 class ModelEntry(BaseModel):
     """One model: where its weights come from, how to load them, and the engine's limits for it."""
 
@@ -105,6 +127,8 @@ class ModelEntry(BaseModel):
     # stream's inter-token gap stays within about 1 + this times its usual; 0: prompts always fill the token budget
     prefill_chunk_ratio: float = Field(default=1.5, ge=0)
     max_waiting_requests: int = Field(default=256, ge=0)
+    # several tokens a step where they are likely to be accepted (outputs unchanged; off where a step would slow)
+    speculative: SpeculativeSpec = Field(default_factory=lambda: SpeculativeSpec(method="none"))
     enable_prefix_caching: bool = True
     threads: int | None = Field(default=None, ge=1)
     seed: int = 0

@@ -175,7 +175,7 @@ class Sampler:
         raw = logits.float()
         tokens = self.choose(raw, rows)
         token_ids: list[int] = tokens.tolist()  # the one wait for the device
-        return SamplerOutput(token_ids, _logprobs(raw, tokens, rows))
+        return SamplerOutput(token_ids, sample_logprobs(raw, tokens, rows))
 
     def choose(self, raw: torch.Tensor, rows: Sequence[SampleInput]) -> torch.Tensor:
         """One token per row from float32 logits, left on their device: on CUDA only queued work, no host sync."""
@@ -200,15 +200,26 @@ class Sampler:
 
     def _sample_rows(self, x: torch.Tensor, rows: Sequence[SampleInput]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token and its filtered logit per row, drawn from the softmax by one uniform number a row."""
-        params = [r.params for r in rows]
-        x = x / _column([max(p.temperature, _MIN_TEMPERATURE) for p in params], x.device)
-        vocab = x.shape[-1]
-        if any(0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
-            x = filter_logits(x, [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params])
+        x = sampling_logits(x, rows)
         # One CPU draw per row from that row's generator keeps seeded rows independent of the batch.
-        uniforms = torch.stack([torch.rand((), dtype=torch.float64, generator=self._generator_for(r)) for r in rows])
+        uniforms = torch.stack([self.uniform(r) for r in rows])
         tokens = inverse_cdf(x.softmax(dim=-1), to_device(uniforms, x.device))
         return tokens, x.gather(1, tokens[:, None])[:, 0]
+
+    def uniform(self, row: SampleInput) -> torch.Tensor:
+        """One float64 number in [0, 1) from the row's generator: its request's own where it has a seed."""
+        return torch.rand((), dtype=torch.float64, generator=self._generator_for(row))
+
+
+def sampling_logits(x: torch.Tensor, rows: Sequence[SampleInput]) -> torch.Tensor:
+    """Processed logits divided by each row's temperature and filtered by its top_k, top_p and min_p: their softmax
+    is the distribution a sampled row draws from."""
+    params = [r.params for r in rows]
+    x = x / _column([max(p.temperature, _MIN_TEMPERATURE) for p in params], x.device)
+    vocab = x.shape[-1]
+    if any(0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
+        x = filter_logits(x, [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params])
+    return x
 
 
 CDF_BLOCK = 1024  # tokens summed together in the first level of `inverse_cdf`
@@ -242,7 +253,9 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return (block * CDF_BLOCK + index)[:, 0].clamp_max_(vocab - 1)  # a row of NaN (nothing left) lands anywhere
 
 
-def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SampleInput]) -> list[SampleLogprobs | None]:
+def sample_logprobs(
+    raw: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SampleInput]
+) -> list[SampleLogprobs | None]:
     """Logprobs of the raw distribution (OpenAI semantics): the chosen token plus the top-k, one topk call."""
     wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     out: list[SampleLogprobs | None] = [None] * len(rows)

@@ -1,9 +1,10 @@
 """`Scheduler`: iteration-level continuous batching in token counts. Pure Python: it decides, the runner executes.
 
 Each step spends a token budget: running decodes first (so a long prefill never starves them), then running
-prefills in chunks, then waiting requests in FCFS order, each starting after its longest prefix-cache hit. Prompt
-tokens may have a tighter budget of their own while requests decode (`worker.step_budget`). When blocks
-run out, the newest running request is preempted by recompute: its blocks are freed and it waits at the head.
+prefills in chunks, then waiting requests in FCFS order, each starting after its longest prefix-cache hit, and last
+the tokens proposed for decodes to verify (`worker.spec_decode`), out of the budget and free blocks left. Prompt
+tokens may have a tighter budget of their own while requests decode (`worker.step_budget`). When blocks run out, the
+newest running request is preempted by recompute: its blocks are freed and it waits at the head.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from worker.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int
+    num_new_tokens: int  # rows fed this step: the request's own tokens, then `drafts`
+    drafts: list[int] = field(default_factory=list)  # proposed tokens verified this step (worker.spec_decode)
 
     @property
     def completes(self) -> bool:
         """True when this step's tokens bring the request up to date."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens - len(self.drafts) == self.seq.num_tokens
 
     @property
     def sample(self) -> bool:
@@ -92,7 +94,9 @@ class Scheduler:
             budget = min(budget, self.prompt_budget(decoding, joining))
         budget = self._schedule_running(prefills, budget, out)
         if not out.preempted:
-            self._admit(budget, out)
+            self._add_drafts(self._admit(budget, out), out)
+        for seq in self.running:
+            seq.draft_token_ids = []
         out.num_batched_tokens = sum(item.num_new_tokens for item in out.scheduled)
         return out
 
@@ -110,6 +114,23 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         return budget
+
+    def _add_drafts(self, budget: int, out: SchedulerOutput) -> None:
+        """Give decodes their proposed tokens from what the step leaves: the token budget, and blocks beyond the
+        admission headroom, so proposals never delay a prompt nor preempt a request."""
+        bm = self.block_manager
+        headroom = max(1, bm.num_blocks // 100)
+        for item in out.scheduled:
+            seq = item.seq
+            drafts, seq.draft_token_ids = seq.draft_token_ids[:budget], []
+            if not drafts or item.num_new_tokens != 1 or not item.completes:
+                continue
+            if bm.blocks_needed(seq.block_table, seq.num_tokens + len(drafts)) + headroom > bm.num_free_blocks:
+                continue
+            bm.allocate(seq.block_table, seq.num_tokens + len(drafts))
+            item.drafts = drafts
+            item.num_new_tokens += len(drafts)
+            budget -= len(drafts)
 
     def _grow(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> tuple[bool, int]:
         """Allocate blocks for `num_new` more tokens, preempting the newest running requests.
@@ -161,6 +182,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq.block_table)
+        seq.draft_token_ids = []
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -168,25 +190,29 @@ class Scheduler:
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
-        """Fold a step's results in: advance computed counts, append sampled tokens, finish what stops."""
+    def update(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Sequence]:
+        """Fold a step's results in: advance computed counts, append sampled tokens (a request that verified
+        proposed tokens has the kept ones and one more), finish what stops. Tokens after a stop are dropped."""
         finished: list[Sequence] = []
         for item in out.scheduled:
             seq = item.seq
             will_sample, completes = item.sample, item.completes
-            seq.num_computed_tokens += item.num_new_tokens
+            tokens = sampled[seq.request_id] if will_sample else []
+            # the cache holds the request's own fed tokens and the proposed ones that were kept
+            seq.num_computed_tokens += item.num_new_tokens - len(item.drafts) + max(0, len(tokens) - 1)
+            reason = None
+            for token in tokens:
+                seq.token_ids.append(token)
+                reason = self._stop_reason(seq, token)
+                if reason is not None:
+                    break
+            if item.drafts:
+                self.block_manager.shrink(seq.block_table, seq.num_computed_tokens)
             self.block_manager.cache_full_blocks(
-                seq.block_table, seq.token_ids, seq.num_computed_tokens, seq.params.cache_salt
+                seq.block_table, seq.token_ids, min(seq.num_computed_tokens, seq.num_tokens), seq.params.cache_salt
             )
             if completes and not will_sample:  # max_tokens 0: the prompt is in, and nothing is generated
-                self.running.remove(seq)
-                self._finish(seq, "length")
-                finished.append(seq)
-            if not will_sample:
-                continue
-            token = sampled[seq.request_id]
-            seq.token_ids.append(token)
-            reason = self._stop_reason(seq, token)
+                reason = "length"
             if reason is not None:
                 self.running.remove(seq)
                 self._finish(seq, reason)

@@ -36,6 +36,8 @@ class Sequence:
     queue_seconds: float = 0.0  # from arrival to first schedule
     # with params.prompt_logprobs: those of prompt tokens 1, 2, ... scored so far (position p's logits score p + 1)
     prompt_logprobs: list[SampleLogprobs] = field(default_factory=list)
+    # tokens proposed to follow (worker.spec_decode), verified by the next step; never part of token_ids until kept
+    draft_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

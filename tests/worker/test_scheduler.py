@@ -62,7 +62,7 @@ class Harness:
     def update(self, out: SchedulerOutput, tokens: Mapping[str, int] | None = None) -> list[Sequence]:
         wanted = tokens or {}
         sampled = {
-            item.seq.request_id: wanted.get(item.seq.request_id, FILLER) for item in out.scheduled if item.sample
+            item.seq.request_id: [wanted.get(item.seq.request_id, FILLER)] for item in out.scheduled if item.sample
         }
         finished = self.sched.update(out, sampled)
         self.check()
@@ -398,3 +398,67 @@ def test_any_workload_finishes_every_request_and_returns_every_block(
             assert seq.output_token_ids == [FILLER] * max_tokens
         assert seq.prompt_token_ids == prompt
     assert h.bm.num_free_blocks == 5
+
+
+def test_proposed_tokens_ride_with_their_decode_and_only_kept_ones_stay_computed() -> None:
+    h = Harness(max_num_batched_tokens=8)
+    a = h.add("a", [10, 11, 12], max_tokens=100)
+    h.step()
+    a.draft_token_ids = [20, 21, 22]
+    out, plan = h.schedule()
+    assert plan == [("a", 4, True)]  # its own last token and the three proposed after it
+    assert out.scheduled[0].drafts == [20, 21, 22]
+    assert a.block_table == [0, 1]  # room for positions 3..6
+    h.update(out, {"a": 20})  # the harness samples one token: none of the proposed ones kept
+    assert a.output_token_ids == [FILLER, 20]
+    assert a.num_computed_tokens == 4
+    assert a.block_table == [0]  # the block of the unkept proposals is given back
+
+    a.draft_token_ids = [30, 31, 32, 33, 34, 35, 36, 37, 38]
+    out, plan = h.schedule()
+    assert plan == [("a", 8, True)]  # proposals are cut to the token budget
+    finished = h.sched.update(out, {"a": [30, 31, 7]})  # two kept, then the model's own token
+    h.check()
+    assert finished == []
+    assert a.output_token_ids == [FILLER, 20, 30, 31, 7]
+    assert a.num_computed_tokens == a.num_tokens - 1 == 7
+
+
+def test_a_stop_among_kept_tokens_drops_the_tokens_after_it() -> None:
+    h = Harness()
+    a = h.add("a", [10, 11, 12], max_tokens=100)
+    h.step()
+    a.draft_token_ids = [5, EOS, 6]
+    out, _ = h.schedule()
+    assert h.sched.update(out, {"a": [5, EOS, 6, 9]}) == [a]
+    assert (a.output_token_ids, a.finish_reason) == ([FILLER, 5, EOS], "stop")
+    assert h.bm.num_free_blocks == h.bm.num_blocks
+
+
+def test_proposed_tokens_never_take_blocks_or_budget_from_another_request() -> None:
+    h = Harness(num_blocks=5, max_num_batched_tokens=16)
+    a = h.add("a", [10, 11, 12, 13], max_tokens=100)
+    h.add("b", [20, 21, 22, 23], max_tokens=100)
+    h.step()
+    assert h.bm.num_free_blocks == 3
+    a.draft_token_ids = [1, 2, 3, 4, 5]  # would need two blocks of the three left, and b needs one, beside headroom
+    out, plan = h.schedule()
+    assert plan == [("a", 1, True), ("b", 1, True)]
+    assert out.preempted == [] and out.scheduled[0].drafts == []
+
+
+def test_a_waiting_prompt_takes_the_budget_before_proposed_tokens() -> None:
+    h = Harness(max_num_batched_tokens=8)
+    a = h.add("a", [10, 11, 12], max_tokens=100)
+    h.step()
+    h.add("c", list(range(30, 42)), max_tokens=4)
+    a.draft_token_ids = [1, 2, 3, 4, 5]
+    out, plan = h.schedule()
+    assert plan == [("a", 1, True), ("c", 7, False)]
+    assert a.draft_token_ids == []
+    h.update(out)
+    a.draft_token_ids = [1, 2, 3, 4, 5]
+    out, plan = h.schedule()
+    assert plan == [("a", 3, True), ("c", 5, True)]  # the prompt's last 5 tokens, then 2 proposed ones
+    assert out.scheduled[0].drafts == [1, 2]
+    h.update(out)

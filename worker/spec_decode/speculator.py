@@ -1,0 +1,76 @@
+"""`Speculator`: which decoding requests propose tokens this step, how many, and the counts behind the metrics.
+
+A proposed token costs a row of the step whether or not it is kept. With a step priced as a fixed part F plus s a
+row (`worker.step_budget` measures both), D decoding streams yield D tokens in F + sD; proposing K tokens that are
+kept at a rate a yields D + aK in F + s(D + K), which is faster exactly when a > sD / (F + sD): the share of the step
+that its rows take. One stream on a CPU spends most of a step reading the weights, so almost any acceptance pays;
+32 streams spend most of it on their rows, and only requests that quote nearly everything gain. Each request's
+rate is a moving average of its own acceptance, so a request whose proposals miss stops proposing; while it does
+not propose its rate drifts back up, so it tries again later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from worker.registry import SpeculativeSpec
+from worker.sequence import Sequence
+from worker.spec_decode.ngram import NgramIndex
+
+SMOOTHING = 0.5  # weight of a step's acceptance in a request's moving average
+PRIOR = 1.0  # a new request's rate: it proposes from its first decode
+RECOVERY = 0.05  # share of the way back to PRIOR a request's rate moves for each step it does not propose
+MARGIN = 1.25  # a request proposes only where its rate beats the break-even one by this factor: costs are noisy
+
+
+@dataclass
+class SpecCounts:
+    """Cumulative counts, vLLM's spec_decode metrics."""
+
+    num_drafts: int = 0  # steps in which a request verified proposed tokens
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # [i]: kept tokens proposed i-th
+
+
+class Speculator:
+    def __init__(self, spec: SpeculativeSpec) -> None:
+        self.num_tokens = spec.num_tokens
+        self.min_n, self.max_n = spec.prompt_lookup_min, spec.prompt_lookup_max
+        self.indexes: dict[str, NgramIndex] = {}
+        self.rates: dict[str, float] = {}
+        self.counts = SpecCounts(accepted_per_position=[0] * spec.num_tokens)
+
+    def propose(self, seqs: Iterable[Sequence], max_model_len: int, break_even: float) -> None:
+        """Set each decoding request's `draft_token_ids` for the next step; `break_even`: the acceptance rate above
+        which proposing pays at this step's size."""
+        for seq in seqs:
+            seq.draft_token_ids = []
+            params = seq.params
+            room = min(params.max_tokens - seq.num_output_tokens, max_model_len - seq.num_tokens) - 1
+            if params.structured is not None or room < 1:  # a grammar's matcher checks one token at a time
+                continue
+            rate = self.rates.get(seq.request_id, PRIOR)
+            if rate <= break_even * MARGIN:
+                self.rates[seq.request_id] = rate + (PRIOR - rate) * RECOVERY
+                continue
+            index = self.indexes.get(seq.request_id)
+            if index is None:
+                index = self.indexes[seq.request_id] = NgramIndex(self.min_n, self.max_n)
+            seq.draft_token_ids = index.propose(seq.token_ids, min(self.num_tokens, room))
+
+    def accepted(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
+        """Fold in a verification: `num_accepted` of `num_drafts` proposed tokens were kept."""
+        counts = self.counts
+        counts.num_drafts += 1
+        counts.num_draft_tokens += num_drafts
+        counts.num_accepted_tokens += num_accepted
+        for position in range(num_accepted):
+            counts.accepted_per_position[position] += 1
+        rate = self.rates.get(request_id, PRIOR)
+        self.rates[request_id] = (1 - SMOOTHING) * rate + SMOOTHING * num_accepted / num_drafts
+
+    def release(self, request_id: str) -> None:
+        self.indexes.pop(request_id, None)
+        self.rates.pop(request_id, None)
