@@ -70,6 +70,21 @@ class Metrics:
         self.iteration_tokens = Histogram(
             "tokenmill_iteration_tokens", "Tokens per engine step.", m, buckets=TOKEN_BUCKETS, registry=r
         )
+        self.spec_drafts = Counter(
+            "tokenmill_spec_decode_num_drafts", "Verifications of proposed tokens (speculation).", m, registry=r
+        )
+        self.spec_draft_tokens = Counter(
+            "tokenmill_spec_decode_num_draft_tokens", "Tokens proposed for verification.", m, registry=r
+        )
+        self.spec_accepted_tokens = Counter(
+            "tokenmill_spec_decode_num_accepted_tokens", "Proposed tokens kept.", m, registry=r
+        )
+        self.spec_accepted_per_pos = Counter(
+            "tokenmill_spec_decode_num_accepted_tokens_per_pos",
+            "Proposed tokens kept, by their position in the proposal (0: the first).",
+            [*m, "position"],
+            registry=r,
+        )
         self._last: dict[str, EngineStats] = {}
 
     def add_model(self, model: str) -> None:
@@ -78,6 +93,8 @@ class Metrics:
             family.labels(model)
         self.embedding_inputs.labels(model)
         for family in (self.preemptions, self.prefix_queries, self.prefix_hits, self.grammar_mask, self.grammar_wait):
+            family.labels(model)
+        for family in (self.spec_drafts, self.spec_draft_tokens, self.spec_accepted_tokens):
             family.labels(model)
         for histogram in (
             self.ttft,
@@ -112,9 +129,18 @@ class Metrics:
             (self.prefix_hits, stats.prefix_cache_hits, last.prefix_cache_hits),
             (self.grammar_mask, stats.grammar_mask_seconds, last.grammar_mask_seconds),
             (self.grammar_wait, stats.grammar_wait_seconds, last.grammar_wait_seconds),
+            (self.spec_drafts, stats.spec_num_drafts, last.spec_num_drafts),
+            (self.spec_draft_tokens, stats.spec_num_draft_tokens, last.spec_num_draft_tokens),
+            (self.spec_accepted_tokens, stats.spec_num_accepted_tokens, last.spec_num_accepted_tokens),
         ):
             # a restarted worker starts its counts again from zero
             counter.labels(model).inc(now - before if now >= before else now)
+        earlier = last.spec_accepted_per_position
+        for position, now_count in enumerate(stats.spec_accepted_per_position):
+            before_count = earlier[position] if position < len(earlier) else 0
+            delta = now_count - before_count if now_count >= before_count else now_count
+            if delta or not before_count:
+                self.spec_accepted_per_pos.labels(model, str(position)).inc(delta)
         self._last[model] = stats
 
     def request_finished(

@@ -54,6 +54,13 @@ def default_kv_cache_memory(device: torch.device, bytes_per_token: int, max_num_
     return default_cpu_kv_cache_memory(bytes_per_token, max_num_seqs, max_len)
 
 
+def speculates(spec: SpeculativeSpec | None, device: torch.device) -> bool:
+    """Whether an engine proposes tokens (`SpeculativeSpec.method`; auto: on a CPU)."""
+    if spec is None or spec.method == "none":
+        return False
+    return spec.method == "ngram" or device.type == "cpu"
+
+
 class Engine:
     def __init__(
         self,
@@ -108,8 +115,7 @@ class Engine:
         if cuda_graphs and device.type == "cuda":
             log.info("%s: %s", name, self.runner.capture_decode_graphs(max_num_seqs, max_model_len))
         self.sampler = Sampler(seed)
-        use = speculative is not None and speculative.method != "none"
-        self.speculator = Speculator(speculative) if use and speculative is not None else None
+        self.speculator = Speculator(speculative) if speculates(speculative, device) and speculative else None
         self.grammar = GrammarMasks(tokenizer_dir, self.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         self.pending: list[RequestOutput] = []  # outputs owed to the client outside a forward (aborts)

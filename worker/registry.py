@@ -76,12 +76,14 @@ class LoraSpec(BaseModel):
 class SpeculativeSpec(BaseModel):
     """Speculative decoding: tokens proposed ahead and verified in the same forward as the stream's own
     (`worker.spec_decode`). ngram: proposed from what followed an earlier occurrence of the last few tokens in the
-    prompt or output; none: one token a step."""
+    prompt or output; none: one token a step; auto: ngram on a CPU, where it was measured faster at every load
+    (README, Speculative decoding), none on CUDA, where it has not been measured and decode graphs replay one token
+    a request."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["ngram", "none"] = "ngram"
-    num_tokens: int = Field(default=4, ge=1, le=16)  # the most tokens proposed a step
+    method: Literal["auto", "ngram", "none"] = "auto"
+    num_tokens: int = Field(default=5, ge=1, le=16)  # the most tokens proposed for a request a step
     prompt_lookup_min: int = Field(default=2, ge=1, le=16)  # ngram: the shortest run of last tokens matched
     prompt_lookup_max: int = Field(default=5, ge=1, le=16)  # ngram: the longest, tried first
 
@@ -128,7 +130,7 @@ class ModelEntry(BaseModel):
     prefill_chunk_ratio: float = Field(default=1.5, ge=0)
     max_waiting_requests: int = Field(default=256, ge=0)
     # several tokens a step where they are likely to be accepted (outputs unchanged; off where a step would slow)
-    speculative: SpeculativeSpec = Field(default_factory=lambda: SpeculativeSpec(method="none"))
+    speculative: SpeculativeSpec = Field(default_factory=SpeculativeSpec)
     enable_prefix_caching: bool = True
     threads: int | None = Field(default=None, ge=1)
     seed: int = 0

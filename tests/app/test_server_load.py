@@ -312,6 +312,9 @@ COUNTERS = (
     "tokenmill_requests_aborted",
     "tokenmill_grammar_mask_seconds",
     "tokenmill_grammar_wait_seconds",
+    "tokenmill_spec_decode_num_drafts",
+    "tokenmill_spec_decode_num_draft_tokens",
+    "tokenmill_spec_decode_num_accepted_tokens",
 )
 HISTOGRAMS = (
     "tokenmill_time_to_first_token_seconds",
@@ -372,14 +375,20 @@ def test_metrics_move_as_requests_complete(client: httpx.Client) -> None:
     assert delta(first, before, "tokenmill_prompt_tokens_total") == prompt_tokens
     assert delta(first, before, "tokenmill_generation_tokens_total") == max_tokens
     assert delta(first, before, "tokenmill_request_success_total", finished_reason="length") == 1
+    # a step that keeps proposed tokens (speculative decoding, on by default here) sends them with its own
+    proposed = delta(first, before, "tokenmill_spec_decode_num_draft_tokens_total")
+    kept = delta(first, before, "tokenmill_spec_decode_num_accepted_tokens_total")
+    assert 0 <= kept <= proposed
     for name in HISTOGRAMS[:4]:
-        assert delta(first, before, f"{name}_count") == (max_tokens - 1 if "inter_token" in name else 1), name
+        assert delta(first, before, f"{name}_count") == (max_tokens - 1 - kept if "inter_token" in name else 1), name
         assert delta(first, before, f"{name}_sum") > 0, name
     assert delta(first, before, "tokenmill_request_prompt_tokens_sum") == prompt_tokens
     assert delta(first, before, "tokenmill_request_generation_tokens_sum") == max_tokens
-    # every token fed to the model is in some step: the uncached prompt, then all outputs but the last
-    assert delta(first, before, "tokenmill_iteration_tokens_sum") == prompt_tokens - cached + max_tokens - 1
-    assert delta(first, before, "tokenmill_iteration_tokens_count") >= max_tokens
+    # every token fed to the model is in some step: the uncached prompt, then all outputs but the last, less those
+    # that were proposed and kept (fed as proposals), plus every proposed token
+    fed = prompt_tokens - cached + max_tokens - 1 - kept + proposed
+    assert delta(first, before, "tokenmill_iteration_tokens_sum") == fed
+    assert delta(first, before, "tokenmill_iteration_tokens_count") >= max_tokens - kept
     assert delta(first, before, "tokenmill_prefix_cache_queries_total") == prompt_tokens
     assert delta(first, before, "tokenmill_num_preemptions_total") == 0
 

@@ -115,7 +115,8 @@ def start_prometheus(server: Server, tmp: Path) -> Prometheus:
 def prometheus(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     """A server that has answered REQUESTS completions, and a Prometheus that has scraped all of them."""
     tmp = tmp_path_factory.mktemp("deploy-prometheus")
-    entry = model_entry(tiny_llama_dir, MODEL, threads=1)
+    # with speculation on, so its panels have series (a rate of zero where nothing was proposed)
+    entry = model_entry(tiny_llama_dir, MODEL, threads=1, speculative={"method": "ngram"})
     server = start_server(write_registry(tmp / "models.yaml", [entry]), tmp, "--metrics-open", ready_timeout=120)
     try:
         prometheus = start_prometheus(server, tmp)
@@ -173,6 +174,10 @@ def test_target_is_up_and_series_arrive(prometheus: Prometheus) -> None:
         "tokenmill_inter_token_latency_seconds_bucket",
         "tokenmill_e2e_request_latency_seconds_bucket",
         "tokenmill_request_queue_time_seconds_bucket",
+        "tokenmill_spec_decode_num_drafts_total",
+        "tokenmill_spec_decode_num_draft_tokens_total",
+        "tokenmill_spec_decode_num_accepted_tokens_total",
+        "tokenmill_spec_decode_num_accepted_tokens_per_pos_total",
     }
     assert expected <= names, f"missing: {sorted(expected - names)}"
     generated = prometheus.query(f'tokenmill_generation_tokens_total{{model_name="{MODEL}"}}')["result"]

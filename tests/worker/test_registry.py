@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
-from worker.registry import DEFAULT_REGISTRY, RegistryError, load_registry, parse_size
+from worker.engine import speculates
+from worker.registry import DEFAULT_REGISTRY, RegistryError, SpeculativeSpec, load_registry, parse_size
 
 
 def write(tmp_path: Path, models: Any) -> Path:
@@ -157,3 +159,29 @@ def test_embed_entries_and_their_fields(tmp_path: Path) -> None:
     bad = [{"name": "e", "source": "/x", "task": "embed", "matryoshka_dimensions": [0, 64]}]
     assert "positive integers" in error_of(write(tmp_path, bad))
     assert "field 'task'" in error_of(write(tmp_path, [{"name": "e", "source": "/x", "task": "rerank"}]))
+
+
+@pytest.mark.parametrize(
+    ("speculative", "field", "words"),
+    [
+        ({"method": "medusa"}, "speculative.method", "'auto', 'ngram' or 'none'"),
+        ({"method": "ngram", "num_tokens": 0}, "speculative.num_tokens", "greater than or equal to 1"),
+        ({"method": "ngram", "num_tokens": 4, "draft": "x"}, "speculative.draft", "unknown key"),
+        ({"prompt_lookup_min": 6}, "speculative", "prompt_lookup_min (6) must not exceed prompt_lookup_max (5)"),
+    ],
+)
+def test_a_bad_speculative_setting_is_refused_by_name(
+    tmp_path: Path, speculative: dict[str, Any], field: str, words: str
+) -> None:
+    message = error_of(write(tmp_path, [{"name": "s", "source": "/x", "speculative": speculative}]))
+    assert f"models[0] ('s'), field '{field}'" in message and words in message
+
+
+def test_speculation_is_chosen_by_device_unless_set(tmp_path: Path) -> None:
+    models = [{"name": "a", "source": "/x"}, {"name": "b", "source": "/x", "speculative": {"method": "none"}}]
+    entries = load_registry(write(tmp_path, models)).models
+    assert (entries[0].speculative.method, entries[0].speculative.num_tokens) == ("auto", 5)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (speculates(entries[0].speculative, cpu), speculates(entries[0].speculative, cuda)) == (True, False)
+    assert not speculates(entries[1].speculative, cpu)
+    assert speculates(SpeculativeSpec(method="ngram"), cuda)

@@ -1,12 +1,15 @@
 """`Speculator`: which decoding requests propose tokens this step, how many, and the counts behind the metrics.
 
 A proposed token costs a row of the step whether or not it is kept. With a step priced as a fixed part F plus s a
-row (`worker.step_budget` measures both), D decoding streams yield D tokens in F + sD; proposing K tokens that are
-kept at a rate a yields D + aK in F + s(D + K), which is faster exactly when a > sD / (F + sD): the share of the step
-that its rows take. One stream on a CPU spends most of a step reading the weights, so almost any acceptance pays;
-32 streams spend most of it on their rows, and only requests that quote nearly everything gain. Each request's
-rate is a moving average of its own acceptance, so a request whose proposals miss stops proposing; while it does
-not propose its rate drifts back up, so it tries again later.
+row (`worker.step_budget` measures both), D decoding streams yield D tokens in F + sD; a proposed token kept with
+probability q adds q tokens for s more, which raises the step's tokens per second exactly when q > sD / (F + sD):
+the share of the step that its rows take (the break-even). One stream on a CPU spends most of a step reading the
+weights, so almost any proposal pays; 32 streams spend most of it on their rows, and only likely ones do.
+
+Each request keeps a moving average p of how often a proposed token was kept given the one before it was (a kept
+run ends at the first miss), so its i-th proposed token is kept with probability about p^i. It proposes while p^i
+beats the break-even, with a margin, up to `num_tokens`; a request whose proposals miss stops proposing, and while
+it does not propose its p drifts back up, so it tries again later.
 """
 
 from __future__ import annotations
@@ -34,6 +37,16 @@ class SpecCounts:
     accepted_per_position: list[int] = field(default_factory=list)  # [i]: kept tokens proposed i-th
 
 
+def worth_proposing(rate: float, threshold: float, most: int) -> int:
+    """How many tokens to propose: the positions i (from 1) whose chance of being kept, rate^i, beats `threshold`,
+    at most `most`."""
+    length, chance = 0, rate
+    while length < most and chance > threshold:
+        length += 1
+        chance *= rate
+    return length
+
+
 class Speculator:
     def __init__(self, spec: SpeculativeSpec) -> None:
         self.num_tokens = spec.num_tokens
@@ -52,13 +65,14 @@ class Speculator:
             if params.structured is not None or room < 1:  # a grammar's matcher checks one token at a time
                 continue
             rate = self.rates.get(seq.request_id, PRIOR)
-            if rate <= break_even * MARGIN:
+            length = worth_proposing(rate, break_even * MARGIN, min(self.num_tokens, room))
+            if not length:
                 self.rates[seq.request_id] = rate + (PRIOR - rate) * RECOVERY
                 continue
             index = self.indexes.get(seq.request_id)
             if index is None:
                 index = self.indexes[seq.request_id] = NgramIndex(self.min_n, self.max_n)
-            seq.draft_token_ids = index.propose(seq.token_ids, min(self.num_tokens, room))
+            seq.draft_token_ids = index.propose(seq.token_ids, length)
 
     def accepted(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
         """Fold in a verification: `num_accepted` of `num_drafts` proposed tokens were kept."""
@@ -68,8 +82,9 @@ class Speculator:
         counts.num_accepted_tokens += num_accepted
         for position in range(num_accepted):
             counts.accepted_per_position[position] += 1
+        tried = num_accepted + (num_accepted < num_drafts)  # the positions that were decided: kept, then one miss
         rate = self.rates.get(request_id, PRIOR)
-        self.rates[request_id] = (1 - SMOOTHING) * rate + SMOOTHING * num_accepted / num_drafts
+        self.rates[request_id] = (1 - SMOOTHING) * rate + SMOOTHING * num_accepted / tried
 
     def release(self, request_id: str) -> None:
         self.indexes.pop(request_id, None)
