@@ -28,6 +28,7 @@ def prompt_opens_thinking(prompt_tail: str) -> bool:
     return prompt_tail.rstrip().endswith(OPEN)
 
 
+THINKING_CONSTRAINT = "reasoning_with_structured_output"  # the code of check_thinking_constraint's refusal
 # The constraints that stand for the answer's shape (a JSON reply, a forced tool call), not the whole output's.
 _ANSWER_CONSTRAINTS = {"response_format": "response_format", "text.format": "text", "text.format.schema": "text"}
 
@@ -47,7 +48,7 @@ def check_thinking_constraint(model: str, constraint: StructuredOutput | None) -
         'the thinking too: turn thinking off (chat_template_kwargs {"enable_thinking": false} where the template '
         "reads it), or constrain the whole output with structured_outputs",
         param=param,
-        code="reasoning_with_structured_output",
+        code=THINKING_CONSTRAINT,
     )
 
 

@@ -2,8 +2,13 @@
 template messages, OpenAI tool definitions, a forced call, sampling params.
 
 As for chat completions, unknown fields are rejected, never dropped; documented fields and content blocks we cannot
-serve (images, documents, thinking, server tools) are refused by name. `cache_control` is accepted and ignored: the
-prefix cache reuses any shared prefix by itself.
+serve (images, documents, server tools) are refused by name. `cache_control` is accepted and ignored: the prefix cache
+reuses any shared prefix by itself.
+
+`thinking` turns a thinking model's thinking on (`enabled`, `adaptive`) or off (`disabled`, or no `thinking`): the
+chat template gets `enable_thinking` accordingly. Thinking blocks sent back in assistant turns go to the template as
+the message's `reasoning_content` (the template keeps or drops them, as it does for chat completions); their
+signatures are not checked.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from app.protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS, OneReply, _Body, _dro
 from worker.messages import SamplingParams
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_BLOCK_TYPES = frozenset({"text", "tool_use", "tool_result"})
+_BLOCK_TYPES = frozenset({"text", "tool_use", "tool_result", "thinking", "redacted_thinking"})
+_THINKING_TYPES = frozenset({"enabled", "disabled", "adaptive"})
+MIN_THINKING_BUDGET = 1024  # Anthropic's least budget_tokens
 # Fields Anthropic documents that we do not support: rejected by name unless null or one of these no-op values.
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "thinking": ({"type": "disabled"},),
     "service_tier": ("auto", "standard_only"),
     "container": (),
     "mcp_servers": ([],),
@@ -47,6 +53,23 @@ class TextBlock(_Strict):
     text: str
     cache_control: CacheControl | None = None
     citations: list[Any] | None = None  # sent back with an earlier reply's text; ours never carry any
+
+
+class ThinkingBlock(_Strict):
+    """An earlier reply's thinking, sent back in its assistant turn. The signature is taken as it is, not checked."""
+
+    type: Literal["thinking"]
+    thinking: str
+    signature: str
+    cache_control: CacheControl | None = None
+
+
+class RedactedThinkingBlock(_Strict):
+    """Thinking another server redacted; this one never writes any, and leaves it out of the prompt."""
+
+    type: Literal["redacted_thinking"]
+    data: str
+    cache_control: CacheControl | None = None
 
 
 class DirectCaller(_Strict):
@@ -75,7 +98,9 @@ class ToolResultBlock(_Strict):
         return "\n".join(block.text for block in self.content)
 
 
-Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock, Field(discriminator="type")]
+Block = Annotated[
+    TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock, Field(discriminator="type")
+]
 
 
 class Message(_Strict):
@@ -89,14 +114,19 @@ class Message(_Strict):
                 raise invalid(f"content.{index}", "tool_use blocks belong in assistant messages")
             if block.type == "tool_result" and self.role != "user":
                 raise invalid(f"content.{index}", "tool_result blocks belong in user messages")
+            if block.type in ("thinking", "redacted_thinking") and self.role != "assistant":
+                raise invalid(f"content.{index}", f"{block.type} blocks belong in assistant messages")
         return self
 
     def to_template(self) -> list[dict[str, Any]]:
         """The message as chat-template messages, as chat completions would send it: a user turn's tool results
-        become tool messages (before its text), an assistant turn's tool_use blocks its tool_calls."""
+        become tool messages (before its text), an assistant turn's tool_use blocks its tool_calls, its thinking
+        blocks its `reasoning_content` (redacted thinking is left out)."""
         if isinstance(self.content, str):
             return [{"role": self.role, "content": self.content}]
         texts = [block.text for block in self.content if isinstance(block, TextBlock)]
+        thoughts = [block.thinking for block in self.content if isinstance(block, ThinkingBlock)]
+        reasoning = {"reasoning_content": "\n".join(thoughts)} if thoughts else {}
         out: list[dict[str, Any]] = [
             {"role": "tool", "tool_call_id": block.tool_use_id, "content": block.text()}
             for block in self.content
@@ -108,10 +138,50 @@ class Message(_Strict):
             if isinstance(block, ToolUseBlock)
         ]
         if calls:
-            out.append({"role": "assistant", "content": "\n".join(texts), "tool_calls": calls})
+            out.append({"role": "assistant", "content": "\n".join(texts), **reasoning, "tool_calls": calls})
         elif texts or not out:
-            out.append({"role": self.role, "content": "\n".join(texts)})
+            out.append({"role": self.role, "content": "\n".join(texts), **reasoning})
         return out
+
+
+def _served_thinking(value: Any) -> Any:
+    """A thinking type we do not serve ('between_tools') is refused by name, rather than as a union mismatch."""
+    if isinstance(value, dict) and isinstance(value.get("type"), str) and value["type"] not in _THINKING_TYPES:
+        raise invalid("type", f"thinking of type '{value['type']}' is not supported by this server", None)
+    return value
+
+
+class ThinkingEnabled(_Strict):
+    """Thinking on, with a budget. The budget is checked as Anthropic checks it (at least 1024, less than
+    max_tokens) and is otherwise advisory: max_tokens caps thinking and answer together."""
+
+    type: Literal["enabled"]
+    budget_tokens: int
+    display: Literal["summarized", "omitted"] | None = None
+
+    @field_validator("budget_tokens")
+    @classmethod
+    def _budget(cls, value: int) -> int:
+        if value < MIN_THINKING_BUDGET:
+            raise invalid("", f"budget_tokens must be at least {MIN_THINKING_BUDGET}, not {value}")
+        return value
+
+
+class ThinkingAdaptive(_Strict):
+    """Thinking on; the model decides how much."""
+
+    type: Literal["adaptive"]
+    display: Literal["summarized", "omitted"] | None = None
+
+
+class ThinkingDisabled(_Strict):
+    type: Literal["disabled"]
+
+
+Thinking = Annotated[
+    Annotated[ThinkingEnabled | ThinkingAdaptive | ThinkingDisabled, Field(discriminator="type")],
+    BeforeValidator(_served_thinking),
+]
 
 
 class Tool(_Strict):
@@ -173,6 +243,7 @@ class Conversation(_Body):
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: ToolChoice | None = None
     cache_control: CacheControl | None = None
+    thinking: Thinking | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -193,6 +264,22 @@ class Conversation(_Body):
         if isinstance(choice, ToolChoiceAny) and not names:
             raise invalid("tool_choice", "tool_choice 'any' needs tools")
         return self
+
+    @property
+    def thinks(self) -> bool:
+        """Whether thinking is on: `enabled` or `adaptive`. Off (`disabled`, or no `thinking`, as for Anthropic's
+        models that think only when asked), a thinking model's thinking is left out of the reply."""
+        return isinstance(self.thinking, ThinkingEnabled | ThinkingAdaptive)
+
+    @property
+    def omits_thinking(self) -> bool:
+        """display 'omitted': thinking blocks come with their signature and empty text."""
+        return isinstance(self.thinking, ThinkingEnabled | ThinkingAdaptive) and self.thinking.display == "omitted"
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """What the chat template gets beside the messages: `enable_thinking` (read by Qwen3's and its kind; other
+        templates ignore it)."""
+        return {"enable_thinking": self.thinks}
 
     def template_messages(self) -> list[dict[str, Any]]:
         system = self.system if isinstance(self.system, str) or self.system is None else _joined(self.system)
@@ -243,6 +330,14 @@ class MessagesRequest(OneReply, Conversation):
     stop_sequences: list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
     stream: bool = False
     metadata: Metadata | None = None
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> Self:
+        if isinstance(self.thinking, ThinkingEnabled) and self.thinking.budget_tokens >= self.max_tokens:
+            budget = self.thinking.budget_tokens
+            message = f"max_tokens ({self.max_tokens}) must be greater than thinking.budget_tokens ({budget})"
+            raise invalid("thinking.budget_tokens", message)
+        return self
 
     @field_validator("stop_sequences")
     @classmethod

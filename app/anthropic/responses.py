@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import uuid
 from typing import Any, ClassVar, Literal
 
@@ -21,6 +23,19 @@ def new_message_id() -> str:
 def tool_use_id(call_id: str) -> str:
     """Anthropic's id for a tool call the parser named in OpenAI's style ('call_...')."""
     return "toolu_" + call_id.removeprefix("call_")
+
+
+def thinking_signature(thinking: str) -> str:
+    """An opaque signature for a thinking block: a digest of its text, the same for the same text. Nothing checks it
+    when the block comes back; it is there because Anthropic's clients expect one."""
+    digest = hashlib.sha256(b"tokenmill-thinking\0" + thinking.encode()).digest()
+    return "tm1" + base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+class ThinkingContent(_Response):
+    type: Literal["thinking"] = "thinking"
+    thinking: str
+    signature: str
 
 
 class TextContent(_Response):
@@ -51,7 +66,7 @@ class MessageResponse(_Response):
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
     model: str
-    content: list[TextContent | ToolUseContent]
+    content: list[ThinkingContent | TextContent | ToolUseContent]
     stop_reason: StopReason | None = None
     stop_sequence: str | None = None
     usage: MessageUsage
@@ -65,12 +80,22 @@ class MessageStart(NamedEvent):
 class BlockStart(NamedEvent):
     type: Literal["content_block_start"] = "content_block_start"
     index: int
-    content_block: TextContent | ToolUseContent
+    content_block: ThinkingContent | TextContent | ToolUseContent
 
 
 class TextDelta(_Response):
     type: Literal["text_delta"] = "text_delta"
     text: str
+
+
+class ThinkingDelta(_Response):
+    type: Literal["thinking_delta"] = "thinking_delta"
+    thinking: str
+
+
+class SignatureDelta(_Response):
+    type: Literal["signature_delta"] = "signature_delta"
+    signature: str
 
 
 class InputJsonDelta(_Response):
@@ -81,7 +106,7 @@ class InputJsonDelta(_Response):
 class BlockDelta(NamedEvent):
     type: Literal["content_block_delta"] = "content_block_delta"
     index: int
-    delta: TextDelta | InputJsonDelta
+    delta: TextDelta | InputJsonDelta | ThinkingDelta | SignatureDelta
 
 
 class BlockStop(NamedEvent):

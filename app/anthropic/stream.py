@@ -1,5 +1,7 @@
-"""`MessageEvents`: a generation's text deltas as Anthropic's stream events. Text goes into a text block; with tools
-offered, the tool-call parser's calls become tool_use blocks whose arguments stream as input_json_delta."""
+"""`MessageEvents`: a generation's text deltas as Anthropic's stream events. Thinking (where the model's replies are
+split and thinking is on) goes into a thinking block first, as thinking_delta events and a signature_delta before its
+content_block_stop; text goes into a text block; with tools offered, the tool-call parser's calls become tool_use
+blocks whose arguments stream as input_json_delta."""
 
 from __future__ import annotations
 
@@ -15,11 +17,15 @@ from app.anthropic.responses import (
     MessageUsage,
     OutputUsage,
     Ping,
+    SignatureDelta,
     StopDelta,
     TextContent,
     TextDelta,
+    ThinkingContent,
+    ThinkingDelta,
     ToolUseContent,
     stop_reason,
+    thinking_signature,
     tool_use_id,
 )
 from app.errors import APIError
@@ -33,8 +39,19 @@ class MessageEvents(ReplyEvents):
     """The events in the order Anthropic documents: message_start, (content_block_start, content_block_delta*,
     content_block_stop)*, message_delta, message_stop; each part of the reply is a block."""
 
-    def __init__(self, message_id: str, model: str, input_tokens: int, tool_format: ToolFormat | None) -> None:
-        super().__init__(tool_format)
+    def __init__(
+        self,
+        message_id: str,
+        model: str,
+        input_tokens: int,
+        tool_format: ToolFormat | None,
+        thinking: bool | None = None,
+        show_thinking: bool = False,
+        omit_thinking: bool = False,
+    ) -> None:
+        super().__init__(tool_format, thinking, show_thinking)
+        self.omit_thinking = omit_thinking  # display 'omitted': the block has its signature, not its text
+        self.thought: list[str] = []  # the thinking so far, signed when its block closes
         self.message_id = message_id
         self.model = model
         self.input_tokens = input_tokens
@@ -64,6 +81,19 @@ class MessageEvents(ReplyEvents):
 
     def fail(self, error: APIError) -> str:
         return error.to_anthropic().to_sse()
+
+    def open_thinking(self) -> str:
+        return BlockStart(index=self.block, content_block=ThinkingContent(thinking="", signature="")).to_sse()
+
+    def thinking_delta(self, text: str) -> str:
+        self.thought.append(text)
+        if self.omit_thinking:
+            return ""
+        return BlockDelta(index=self.block, delta=ThinkingDelta(thinking=text)).to_sse()
+
+    def close_thinking(self) -> str:
+        signature = SignatureDelta(signature=thinking_signature("".join(self.thought)))
+        return BlockDelta(index=self.block, delta=signature).to_sse() + BlockStop(index=self.block).to_sse()
 
     def open_text(self) -> str:
         return BlockStart(index=self.block, content_block=TextContent(text="")).to_sse()

@@ -7,28 +7,54 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from app.reply import reply_stream, split_reply
+from app.errors import APIError
+from app.reasoning import THINKING_CONSTRAINT
+from app.reply import reply_stream, split_reply, split_thought, thinking_tokens
 from app.responses_api.protocol import ResponsesRequest
-from app.responses_api.responses import FunctionCall, OutputItem, OutputMessage, OutputText, new_id
+from app.responses_api.responses import (
+    FunctionCall,
+    OutputItem,
+    OutputMessage,
+    OutputText,
+    ReasoningItem,
+    ReasoningText,
+    new_id,
+)
 from app.responses_api.responses import Response as ResponseObject
 from app.responses_api.stream import ResponseEvents
 from app.serving import Serving
 
 
 async def create_response(serving: Serving, body: ResponsesRequest, request: Request) -> Response:
-    structured = body.structured_output()
-    run = await serving.start_chat(
-        body, body.template_messages(), body.offered_tools(), body.forced_tools(), body.parallel, structured
-    )
-    gen, tool_format = run.generation, run.tool_format
+    """A thinking model's thinking (where its entry splits replies) comes first as a reasoning item, unless
+    reasoning.effort is 'none'; its tokens are the usage's reasoning_tokens either way."""
+    structured, kwargs = body.structured_output(), body.template_kwargs()
+    try:
+        run = await serving.start_chat(
+            body, body.template_messages(), body.offered_tools(), body.forced_tools(), body.parallel, structured, kwargs
+        )
+    except APIError as exc:
+        if exc.code != THINKING_CONSTRAINT:
+            raise
+        what = "a forced tool call" if exc.param == "tool_choice" else "text.format"
+        message = (
+            f"model '{body.model}' thinks before it answers, and {what} would constrain the thinking too: send "
+            'reasoning {"effort": "none"} to turn thinking off for it'
+        )
+        raise APIError.invalid_request(message, param=exc.param, code=exc.code) from exc
+    gen, tool_format, thinking = run.generation, run.tool_format, run.thinking
     started = _in_progress(body, run.served.name)
     if body.stream:
-        return reply_stream(gen, ResponseEvents(started, tool_format))
+        return reply_stream(gen, ResponseEvents(started, tool_format, thinking, body.shows_reasoning))
 
     await serving.collect(gen, request)
-    text, calls = split_reply(gen.choices[0].detok.text, tool_format)
+    choice = gen.choices[0]
+    thought, answer = split_thought(choice.detok.text, thinking)
+    text, calls = split_reply(answer, tool_format)
     output: list[OutputItem] = []
-    if text is not None or not calls:  # an empty reply is an empty message
+    if thought and body.shows_reasoning:
+        output.append(ReasoningItem(id=new_id("rs"), status="completed", content=[ReasoningText(text=thought)]))
+    if text is not None or not (calls or output):  # an empty reply is an empty message
         content = [OutputText(text=text or "")]
         output.append(OutputMessage(id=new_id("msg"), status="completed", content=content))
     for call in calls:
@@ -36,7 +62,7 @@ async def create_response(serving: Serving, body: ResponsesRequest, request: Req
             id=new_id("fc"), call_id=call.id, name=call.name, arguments=call.arguments, status="completed"
         )
         output.append(item)
-    return JSONResponse(started.finished(output, gen).to_dict())
+    return JSONResponse(started.finished(output, gen, thinking_tokens(choice, thinking)).to_dict())
 
 
 def _in_progress(body: ResponsesRequest, model: str) -> ResponseObject:
@@ -57,4 +83,5 @@ def _in_progress(body: ResponsesRequest, model: str) -> ResponseObject:
         tools=[tool.model_dump(exclude_none=True) for tool in body.tools],
         user=body.user,
         metadata=body.metadata or {},
+        reasoning=body.reasoning.model_dump(exclude_none=True) if body.reasoning else None,
     )

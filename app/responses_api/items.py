@@ -1,8 +1,9 @@
 """The Responses API's input items (messages, function calls and their outputs) as pydantic models, and their mapping
 onto the chat template's messages as chat completions would send the same conversation.
 
-Items and content parts we cannot serve (images, files, audio, reasoning, item references to stored responses) are
-refused by name, rather than as a union mismatch.
+Items and content parts we cannot serve (images, files, audio, item references to stored responses) are refused by
+name, rather than as a union mismatch. Reasoning items sent back go to the template as the `reasoning_content` of the
+assistant message after them (the template keeps or drops it, as it does for chat completions).
 """
 
 from __future__ import annotations
@@ -88,6 +89,31 @@ class FunctionCallOutput(_Strict):
     status: Status | None = None
 
 
+class SummaryText(_Strict):
+    type: Literal["summary_text"]
+    text: str
+
+
+class ReasoningText(_Strict):
+    type: Literal["reasoning_text"]
+    text: str
+
+
+class Reasoning(_Strict):
+    """An earlier reply's reasoning item. Its text (`content`) is templated; summaries and encrypted content (this
+    server writes neither) are not."""
+
+    type: Literal["reasoning"]
+    summary: list[SummaryText]
+    content: list[ReasoningText] | None = None
+    encrypted_content: str | None = None
+    id: str | None = None
+    status: Status | None = None
+
+    def text(self) -> str:
+        return "\n".join(part.text for part in self.content or [])
+
+
 def _typed(value: Any) -> Any:
     """A message may come without its type (OpenAI's 'easy' input message)."""
     if isinstance(value, dict) and "type" not in value and "role" in value:
@@ -98,9 +124,10 @@ def _typed(value: Any) -> Any:
 Item = Annotated[
     Annotated[Message, Tag("Message")]
     | Annotated[FunctionCall, Tag("FunctionCall")]
-    | Annotated[FunctionCallOutput, Tag("FunctionCallOutput")],
+    | Annotated[FunctionCallOutput, Tag("FunctionCallOutput")]
+    | Annotated[Reasoning, Tag("Reasoning")],
     Discriminator(by_type, custom_error_type="invalid_request", custom_error_message="an input item needs a type"),
-    of_types("message", "function_call", "function_call_output", what="input items"),
+    of_types("message", "function_call", "function_call_output", "reasoning", what="input items"),
     BeforeValidator(_typed),
 ]
 
@@ -108,9 +135,15 @@ Item = Annotated[
 def template_messages(instructions: str | None, items: str | list[Item]) -> list[dict[str, Any]]:
     """The conversation as chat-template messages: the instructions as a system message first, a developer message
     as a system one, a run of function calls as one assistant message's tool_calls (joined to the assistant text
-    before them), a function call's output as a tool message."""
+    before them), a function call's output as a tool message. A reasoning item's text becomes the
+    `reasoning_content` of the assistant message its reply opened (the next message or function call); one that no
+    assistant turn follows is left out."""
     out: list[dict[str, Any]] = [{"role": "system", "content": instructions}] if instructions else []
+    reasoning: list[str] = []  # reasoning items waiting for the assistant turn they belong to
     for item in [Message(role="user", content=items)] if isinstance(items, str) else items:
+        if isinstance(item, Reasoning):
+            reasoning.append(item.text())
+            continue
         if isinstance(item, Message):
             role = "system" if item.role == "developer" else item.role
             out.append({"role": role, "content": joined(item.content)})
@@ -124,4 +157,8 @@ def template_messages(instructions: str | None, items: str | list[Item]) -> list
                 last = {"role": "assistant", "content": ""}
                 out.append(last)
             last.setdefault("tool_calls", []).append(call)
+        turn = out[-1]
+        if turn["role"] == "assistant" and any(reasoning):
+            turn["reasoning_content"] = "\n".join(text for text in reasoning if text)
+        reasoning = []
     return out

@@ -3,6 +3,10 @@ messages, OpenAI tool definitions, a forced call, a structured output, sampling 
 
 As for chat completions, unknown fields are rejected, never dropped; documented fields we cannot serve (state kept
 between requests, background runs, built-in tools) are refused by name. `store` is accepted: nothing is stored.
+
+`reasoning.effort` `none` turns a thinking model's thinking off (the chat template gets `enable_thinking` false, and
+the reply has no reasoning item); any other effort turns it on (`enable_thinking` true) and is otherwise advisory.
+Without `reasoning` the template does as it does by default. `reasoning.summary` is accepted; no summary is written.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "prompt": (),
     "include": ([],),
     "max_tool_calls": (),
-    "reasoning": (),
     "service_tier": ("auto", "default"),
     "truncation": ("disabled",),
     "top_logprobs": (0,),
@@ -78,6 +81,16 @@ class TextConfig(_Strict):
     verbosity: Literal["medium"] | None = None  # the only one a model without that training can honour
 
 
+Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+SummaryKind = Literal["auto", "concise", "detailed"]
+
+
+class ReasoningConfig(_Strict):
+    effort: Effort | None = None
+    summary: SummaryKind | None = None
+    generate_summary: SummaryKind | None = None  # the older name of summary
+
+
 class ResponsesRequest(OneReply, _Body):
     """POST /v1/responses. The attributes below `store` are what the chat pipeline asks any request for."""
 
@@ -101,6 +114,7 @@ class ResponsesRequest(OneReply, _Body):
         default_factory=list, max_length=128
     )
     text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
     store: bool | None = None
 
     @model_validator(mode="before")
@@ -129,6 +143,17 @@ class ResponsesRequest(OneReply, _Body):
 
     def template_messages(self) -> list[dict[str, Any]]:
         return template_messages(self.instructions, self.input)
+
+    @property
+    def shows_reasoning(self) -> bool:
+        """Whether a thinking model's thinking comes out as a reasoning item: not with effort 'none'."""
+        return self.reasoning is None or self.reasoning.effort != "none"
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """`enable_thinking` for the chat template where reasoning.effort is given (other templates ignore it)."""
+        if self.reasoning is None or self.reasoning.effort is None:
+            return None
+        return {"enable_thinking": self.reasoning.effort != "none"}
 
     def offered_tools(self) -> list[dict[str, Any]]:
         """The tools as the chat template receives them (none for tool_choice 'none')."""

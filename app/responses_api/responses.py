@@ -44,7 +44,22 @@ class FunctionCall(_Response):
     status: ItemStatus
 
 
-OutputItem = OutputMessage | FunctionCall
+class ReasoningText(_Response):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class ReasoningItem(_Response):
+    """A thinking model's thinking, before the message. No summary is written (`summary` stays empty)."""
+
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    summary: list[Any] = Field(default_factory=list)
+    content: list[ReasoningText]
+    status: ItemStatus
+
+
+OutputItem = ReasoningItem | OutputMessage | FunctionCall
 
 
 class InputTokensDetails(_Response):
@@ -113,14 +128,16 @@ class Response(_Response):
     usage: ResponseUsage | None = None
     user: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    reasoning: dict[str, Any] | None = None
 
-    def finished(self, output: list[OutputItem], gen: Generation) -> Response:
+    def finished(self, output: list[OutputItem], gen: Generation, reasoning_tokens: int = 0) -> Response:
         """The response once its generation ended: completed, or incomplete at max_output_tokens (its last item
-        too), with its usage."""
+        too), with its usage; `reasoning_tokens` of the output tokens were thinking."""
         incomplete = gen.choices[0].finish_reason == "length"
         if incomplete and output:
             output[-1].status = "incomplete"
         usage = ResponseUsage.of(gen.num_prompt_tokens, gen.num_completion_tokens, gen.num_cached_tokens)
+        usage.output_tokens_details.reasoning_tokens = reasoning_tokens
         return self.model_copy(
             update={
                 "status": "incomplete" if incomplete else "completed",
@@ -159,7 +176,7 @@ class PartEvent(_InItem):
     """response.content_part.added and .done."""
 
     content_index: int
-    part: OutputText
+    part: OutputText | ReasoningText
 
 
 class TextDelta(_InItem):
@@ -185,3 +202,15 @@ class ArgumentsDone(_InItem):
     type: Literal["response.function_call_arguments.done"] = "response.function_call_arguments.done"
     name: str
     arguments: str
+
+
+class ReasoningDelta(_InItem):
+    type: Literal["response.reasoning_text.delta"] = "response.reasoning_text.delta"
+    content_index: int
+    delta: str
+
+
+class ReasoningDone(_InItem):
+    type: Literal["response.reasoning_text.done"] = "response.reasoning_text.done"
+    content_index: int
+    text: str

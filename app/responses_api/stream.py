@@ -1,12 +1,13 @@
-"""`ResponseEvents`: a generation's text deltas as the Responses API's stream events. Text goes into a message item
-with one output_text part; with tools offered, the tool-call parser's calls become function_call items whose
-arguments stream as function_call_arguments deltas."""
+"""`ResponseEvents`: a generation's text deltas as the Responses API's stream events. A thinking model's thinking goes
+into a reasoning item first, with one reasoning_text part; text goes into a message item with one output_text part;
+with tools offered, the tool-call parser's calls become function_call items whose arguments stream as
+function_call_arguments deltas."""
 
 from __future__ import annotations
 
 from app.errors import APIError
 from app.generation import Generation
-from app.reply import ReplyEvents
+from app.reply import ReplyEvents, thinking_tokens
 from app.responses_api.responses import (
     ArgumentsDelta,
     ArgumentsDone,
@@ -16,6 +17,10 @@ from app.responses_api.responses import (
     OutputMessage,
     OutputText,
     PartEvent,
+    ReasoningDelta,
+    ReasoningDone,
+    ReasoningItem,
+    ReasoningText,
     Response,
     ResponseError,
     ResponseEvent,
@@ -29,12 +34,19 @@ from app.tool_calls import ToolCallDelta, ToolFormat
 
 class ResponseEvents(ReplyEvents):
     """The events in the order OpenAI documents: response.created, response.in_progress; per output item
-    output_item.added, then content_part.added, output_text.delta*, output_text.done, content_part.done (a message)
-    or function_call_arguments.delta*, .done (a function call), then output_item.done; last response.completed or
+    output_item.added, then content_part.added, reasoning_text.delta*, reasoning_text.done, content_part.done (a
+    reasoning item), content_part.added, output_text.delta*, output_text.done, content_part.done (a message) or
+    function_call_arguments.delta*, .done (a function call), then output_item.done; last response.completed or
     response.incomplete, or response.failed if the generation fails. Each event carries its sequence number."""
 
-    def __init__(self, response: Response, tool_format: ToolFormat | None) -> None:
-        super().__init__(tool_format)
+    def __init__(
+        self,
+        response: Response,
+        tool_format: ToolFormat | None,
+        thinking: bool | None = None,
+        show_thinking: bool = True,
+    ) -> None:
+        super().__init__(tool_format, thinking, show_thinking)
         self.response = response  # in_progress and without output: what the stream starts with
         self.items: list[OutputItem] = []
         self.calls: dict[int, int] = {}  # the parser's call index -> its item's output index
@@ -54,7 +66,7 @@ class ResponseEvents(ReplyEvents):
             type=f"response.output_item.{kind}", sequence_number=self._next(), output_index=index, item=item
         ).to_sse()
 
-    def _part(self, kind: str, index: int, message: OutputMessage) -> str:
+    def _part(self, kind: str, index: int, message: OutputMessage | ReasoningItem) -> str:
         return PartEvent(
             type=f"response.content_part.{kind}",
             sequence_number=self._next(),
@@ -72,15 +84,44 @@ class ResponseEvents(ReplyEvents):
 
     def finish(self, gen: Generation) -> str:
         out = "" if self.opened else self._begin("text") + self.open_text()  # an empty reply is an empty message
-        done = self.response.finished(self.items, gen)  # marks the open item incomplete at max_output_tokens
+        reasoning = thinking_tokens(gen.choices[0], self.thinking)
+        done = self.response.finished(self.items, gen, reasoning)  # marks the open item incomplete at max_output_tokens
         return out + self.close() + self._lifecycle(done.status, done)
 
     def fail(self, error: APIError) -> str:
-        if self.open == "text":
+        if self.open in ("text", "thinking"):
             self._message_text()
         code = "rate_limit_exceeded" if error.status == 429 else "server_error"
         update = {"status": "failed", "output": self.items, "error": ResponseError(code=code, message=error.message)}
         return self._lifecycle("failed", self.response.model_copy(update=update))
+
+    def open_thinking(self) -> str:
+        index = len(self.items)
+        item = ReasoningItem(id=new_id("rs"), status="in_progress", content=[])
+        self.items.append(item)
+        added = self._item("added", index)
+        item.content.append(ReasoningText(text=""))
+        self.pieces = []
+        return added + self._part("added", index, item)
+
+    def thinking_delta(self, text: str) -> str:
+        index = len(self.items) - 1
+        self.pieces.append(text)
+        return ReasoningDelta(
+            sequence_number=self._next(), item_id=self.items[index].id, output_index=index, content_index=0, delta=text
+        ).to_sse()
+
+    def close_thinking(self) -> str:
+        index = len(self.items) - 1
+        item = self.items[index]
+        assert isinstance(item, ReasoningItem)
+        if item.status == "in_progress":
+            item.status = "completed"
+        text = self._message_text()
+        done = ReasoningDone(
+            sequence_number=self._next(), item_id=item.id, output_index=index, content_index=0, text=text
+        )
+        return done.to_sse() + self._part("done", index, item) + self._item("done", index)
 
     def open_text(self) -> str:
         index = len(self.items)
@@ -138,8 +179,8 @@ class ResponseEvents(ReplyEvents):
         return done_text.to_sse() + self._part("done", index, item) + self._item("done", index)
 
     def _message_text(self) -> str:
-        """The open message's text, put into its item."""
+        """The open message's (or reasoning item's) text, put into its item."""
         message = self.items[-1]
-        assert isinstance(message, OutputMessage)
+        assert isinstance(message, OutputMessage | ReasoningItem)
         message.content[0].text = "".join(self.pieces)
         return message.content[0].text

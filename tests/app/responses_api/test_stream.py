@@ -101,3 +101,46 @@ def test_a_failure_after_the_start_is_response_failed() -> None:
     assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed"
     assert failed["response"]["error"] == {"code": "server_error", "message": "the request timed out"}
     assert failed["response"]["output"][0]["content"][0]["text"] == "Hello"  # what was sent before the failure
+
+
+def test_thinking_is_a_reasoning_item_before_the_message() -> None:
+    """The thinking (the prompt opened it) is split off as chat completions split it, whatever the pieces; each event
+    is one the SDK's models accept, and the thinking's tokens are the usage's reasoning_tokens."""
+    pieces = ["Let me ", "think.</th", "ink>\n\nHi", " there"]
+    body = ResponsesRequest.model_validate({"model": "m", "input": "hi"})
+    events = ResponseEvents(_in_progress(body, "m"), None, thinking=True)
+    sse = events.start() + "".join(events.feed(p, final=i == len(pieces) - 1) for i, p in enumerate(pieces))
+    text = "".join(pieces)
+    offsets = [0, 4, 7, 13, 21, 25]  # characters before each of six tokens; the fourth is `</think>`
+    detok = SimpleNamespace(text=text, token_offsets=offsets)
+    choice = SimpleNamespace(finish_reason="stop", detok=detok, num_tokens=6)
+    gen: Any = SimpleNamespace(choices=[choice], num_prompt_tokens=5, num_completion_tokens=6, num_cached_tokens=0)
+    out = events_of(sse + events.finish(gen))
+    assert names(out) == [
+        "created",
+        "in_progress",
+        "output_item.added",
+        "content_part.added",
+        "reasoning_text.delta",
+        "reasoning_text.delta",
+        "reasoning_text.done",
+        "content_part.done",
+        "output_item.done",
+        "output_item.added",
+        "content_part.added",
+        "output_text.delta",
+        "output_text.delta",
+        "output_text.done",
+        "content_part.done",
+        "output_item.done",
+        "completed",
+    ]
+    assert out[3]["part"] == {"type": "reasoning_text", "text": ""}
+    reasoning, message = out[-1]["response"]["output"]
+    assert reasoning["type"] == "reasoning" and reasoning["id"].startswith("rs_") and reasoning["summary"] == []
+    assert reasoning["content"] == [{"type": "reasoning_text", "text": "Let me think."}]
+    assert message["content"][0]["text"] == "Hi there"
+    assert out[-1]["response"]["usage"]["output_tokens_details"] == {"reasoning_tokens": 4}
+    shown = ResponseEvents(_in_progress(body, "m"), None, thinking=True, show_thinking=False)
+    hidden = events_of(shown.start() + shown.feed(text, final=True) + shown.finish(gen))
+    assert [item["type"] for item in hidden[-1]["response"]["output"]] == ["message"]
