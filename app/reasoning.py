@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import msgspec
+
 from app.errors import APIError
 from app.tool_calls import partial_marker
 from worker.messages import StructuredOutput
@@ -28,26 +30,28 @@ def prompt_opens_thinking(prompt_tail: str) -> bool:
     return prompt_tail.rstrip().endswith(OPEN)
 
 
-THINKING_CONSTRAINT = "reasoning_with_structured_output"  # the code of check_thinking_constraint's refusal
+THINKING_CONSTRAINT = "reasoning_with_structured_output"  # the code of answer_constraint's refusal
 # The constraints that stand for the answer's shape (a JSON reply, a forced tool call), not the whole output's.
 _ANSWER_CONSTRAINTS = {"response_format": "response_format", "text.format": "text", "text.format.schema": "text"}
 
 
-def check_thinking_constraint(model: str, constraint: StructuredOutput | None) -> None:
-    """A grammar applies from the first generated token, so where the prompt opened the thinking it would constrain
-    the thinking too: a JSON format or a forced tool call is refused (400) rather than silently changing what the
-    model does. vLLM's regex, choice, grammar and JSON fields constrain the whole output as asked, thinking included.
-    """
+def answer_constraint(model: str, constraint: StructuredOutput | None) -> StructuredOutput | None:
+    """The constraint to apply where the prompt opened the thinking. A grammar applies from the first generated token,
+    so a JSON format (`response_format`, the Responses API's `text.format`), which stands for the answer's shape,
+    starts after `</think>`: the thinking runs free up to it. A forced tool call is refused (400) rather than silently
+    changing what the model does. vLLM's regex, choice, grammar and JSON fields constrain the whole output as asked,
+    thinking included."""
     if constraint is None:
-        return
-    param = "tool_choice" if constraint.param == "tools" else _ANSWER_CONSTRAINTS.get(constraint.param)
-    if param is None:
-        return
+        return None
+    if constraint.param in _ANSWER_CONSTRAINTS and constraint.kind in ("json", "json_object"):
+        return msgspec.structs.replace(constraint, after=CLOSE)
+    if constraint.param != "tools":
+        return constraint
     raise APIError.invalid_request(
-        f"model '{model}' thinks before it answers (its chat template opened <think>), and {param} would constrain "
+        f"model '{model}' thinks before it answers (its chat template opened <think>), and tool_choice would force "
         'the thinking too: turn thinking off (chat_template_kwargs {"enable_thinking": false} where the template '
-        "reads it), or constrain the whole output with structured_outputs",
-        param=param,
+        "reads it), or let the model choose (tool_choice auto)",
+        param="tool_choice",
         code=THINKING_CONSTRAINT,
     )
 

@@ -41,7 +41,7 @@ from app.protocol_responses import (
     Usage,
     new_id,
 )
-from app.reasoning import ReasoningSplitter, check_thinking_constraint, parses_reasoning, prompt_opens_thinking
+from app.reasoning import ReasoningSplitter, answer_constraint, parses_reasoning, prompt_opens_thinking
 from app.settings import Settings
 from app.tokenizer import ChatTemplateError, Tokenizer
 from app.tool_calls import ToolCallParser, ToolFormat, detect_format, forced_call_grammar
@@ -153,10 +153,11 @@ class Serving:
         assert served.tokenizer is not None
         thinking = _thinking(served, served.tokenizer, prompt)
         grammar = _forced_call(tool_format, served.tokenizer, forced, parallel) if forced else None
+        constraint = grammar or structured
         if thinking:
-            check_thinking_constraint(served.name, grammar or structured)
-        await self.grammar_check(served, grammar or structured)
-        return ChatRun(served, self._generation(served, [prompt], body, grammar), tool_format, thinking)
+            constraint = answer_constraint(served.name, constraint)
+        await self.grammar_check(served, constraint)
+        return ChatRun(served, self._generation(served, [prompt], body, constraint), tool_format, thinking)
 
     async def chat_prompt(
         self,

@@ -55,17 +55,12 @@ def limits() -> LLParserLimits:
 def to_grammar(structured: StructuredOutput) -> str:
     """The llguidance grammar for a constraint; InvalidRequest when it cannot be one."""
     kind, spec = structured.kind, structured.spec
+    if structured.after:
+        return _after(structured)
     if kind == "json_object":
         return LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=_JSON_OPTIONS)  # type: ignore[arg-type]
     if kind == "json":
-        try:
-            schema = json.loads(spec)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise InvalidRequest(structured.param, f"is not valid JSON: {exc}") from exc
-        if not isinstance(schema, dict | bool):
-            raise InvalidRequest(structured.param, "must be a JSON schema object")
-        _cap(structured, "objects", _count_objects(schema), MAX_SCHEMA_OBJECTS)
-        return LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)  # type: ignore[arg-type]
+        return LLMatcher.grammar_from_json_schema(_schema(structured), overrides=_JSON_OPTIONS)  # type: ignore[arg-type]
     if kind == "regex":
         return LLMatcher.grammar_from_regex(spec)
     if kind == "choice":
@@ -82,6 +77,38 @@ def to_grammar(structured: StructuredOutput) -> str:
         _cap(structured, "'{' (JSON objects or {n} repeats)", lark.count("{"), MAX_SCHEMA_OBJECTS)
         return LLMatcher.grammar_from_lark(lark)
     raise InvalidRequest(structured.param, f"unknown kind '{kind}'; use one of {', '.join(KINDS)}")
+
+
+def _schema(structured: StructuredOutput) -> dict[str, Any] | bool:
+    try:
+        schema = json.loads(structured.spec)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidRequest(structured.param, f"is not valid JSON: {exc}") from exc
+    if not isinstance(schema, dict | bool):
+        raise InvalidRequest(structured.param, "must be a JSON schema object")
+    _cap(structured, "objects", _count_objects(schema), MAX_SCHEMA_OBJECTS)
+    return schema
+
+
+def _after(structured: StructuredOutput) -> str:
+    """Free text up to the special token `structured.after` (`</think>`: one token in the tokenizers of Qwen3,
+    DeepSeek-R1 and QwQ; the model writes it itself, as the text cannot), then the JSON the constraint asks for,
+    after at most two newlines (Qwen3 writes a blank line after </think>; more blank space would let a model ramble
+    in it). A tokenizer without that token refuses the grammar by name."""
+    if structured.kind not in ("json", "json_object"):
+        raise InvalidRequest(structured.param, f"a {structured.kind} constraint applies to the whole output")
+    if not re.fullmatch(r"<[^<>\s]+>", structured.after):
+        raise InvalidRequest(structured.param, f"cannot start after {structured.after!r}: not a special token")
+    schema = {"type": "object"} if structured.kind == "json_object" else _schema(structured)
+    if isinstance(schema, dict):
+        schema = {**schema, "x-guidance": _JSON_OPTIONS}
+    lark = (
+        "start: free answer\n"
+        f"free: FREE {structured.after}\n"
+        "FREE: /(.|\\n)*/\n"
+        f"answer: /\\n{{0,2}}/ %json {json.dumps(schema)}\n"
+    )
+    return LLMatcher.grammar_from_lark(lark)
 
 
 def _cap(structured: StructuredOutput, what: str, count: int, limit: int) -> None:

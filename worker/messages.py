@@ -20,6 +20,9 @@ class StructuredOutput(msgspec.Struct, frozen=True):
     kind: str
     spec: str = ""
     param: str = "response_format"  # the request field it came from, for error messages
+    # json, json_object: the output runs free up to and including this special token, and the constraint applies
+    # after it (a thinking model's answer after </think>)
+    after: str = ""
 
 
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):

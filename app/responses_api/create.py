@@ -36,10 +36,9 @@ async def create_response(serving: Serving, body: ResponsesRequest, request: Req
     except APIError as exc:
         if exc.code != THINKING_CONSTRAINT:
             raise
-        what = "a forced tool call" if exc.param == "tool_choice" else "text.format"
         message = (
-            f"model '{body.model}' thinks before it answers, and {what} would constrain the thinking too: send "
-            'reasoning {"effort": "none"} to turn thinking off for it'
+            f"model '{body.model}' thinks before it answers, and a forced tool call would constrain the thinking too: "
+            'send reasoning {"effort": "none"} to turn thinking off for it'
         )
         raise APIError.invalid_request(message, param=exc.param, code=exc.code) from exc
     gen, tool_format, thinking = run.generation, run.tool_format, run.thinking

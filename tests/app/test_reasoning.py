@@ -9,7 +9,7 @@ from itertools import pairwise
 import pytest
 
 from app.errors import APIError
-from app.reasoning import ReasoningSplitter, check_thinking_constraint, parses_reasoning, prompt_opens_thinking
+from app.reasoning import ReasoningSplitter, answer_constraint, parses_reasoning, prompt_opens_thinking
 from worker.messages import StructuredOutput
 
 # (the prompt opened the thinking, output, reasoning, content)
@@ -83,18 +83,22 @@ def test_thinking_starts_where_the_prompt_opened_it() -> None:
     assert not prompt_opens_thinking("<|im_start|>assistant\n")
 
 
-@pytest.mark.parametrize(
-    ("param", "refused"),
-    [("response_format", "response_format"), ("tools", "tool_choice"), ("text.format.schema", "text")],
-)
-def test_an_answer_format_is_refused_while_thinking(param: str, refused: str) -> None:
+@pytest.mark.parametrize("param", ["response_format", "text.format.schema", "text.format"])
+@pytest.mark.parametrize("kind", ["json", "json_object"])
+def test_an_answer_format_starts_after_the_thinking(param: str, kind: str) -> None:
+    constraint = StructuredOutput(kind, '{"type": "object"}' if kind == "json" else "", param)
+    assert answer_constraint("m", constraint) == StructuredOutput(constraint.kind, constraint.spec, param, "</think>")
+
+
+def test_a_forced_tool_call_is_refused_while_thinking() -> None:
     with pytest.raises(APIError) as caught:
-        check_thinking_constraint("m", StructuredOutput("json_object", "", param))
-    assert caught.value.status == 400 and caught.value.param == refused
+        answer_constraint("m", StructuredOutput("grammar", "start: x", "tools"))
+    assert caught.value.status == 400 and caught.value.param == "tool_choice"
     assert "enable_thinking" in caught.value.message
 
 
 @pytest.mark.parametrize("param", ["structured_outputs.regex", "guided_regex", "guided_json", "guided_grammar"])
 def test_whole_output_constraints_are_kept(param: str) -> None:
-    check_thinking_constraint("m", StructuredOutput("regex", "[a-z]+</think>[a-z]+", param))
-    check_thinking_constraint("m", None)
+    constraint = StructuredOutput("regex", "[a-z]+</think>[a-z]+", param)
+    assert answer_constraint("m", constraint) is constraint
+    assert answer_constraint("m", None) is None

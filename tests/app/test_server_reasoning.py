@@ -1,8 +1,8 @@
 """Reasoning output through the HTTP API and the official OpenAI client, with a tiny model whose chat template opens
 `<think>` in the generation prompt unless `enable_thinking` is false (as Qwen3's does). A random model writes random
 text, so a regex shapes each reply as thinking, `</think>`, answer: the thinking goes to reasoning_content (and
-reasoning), the rest to content, streamed and not alike. chat_template_kwargs reach the template; answer formats
-that would constrain the thinking are refused."""
+reasoning), the rest to content, streamed and not alike. chat_template_kwargs reach the template; a forced tool call,
+which would constrain the thinking, is refused."""
 
 from __future__ import annotations
 
@@ -112,17 +112,10 @@ def test_a_model_without_a_reasoning_parser_returns_the_raw_text(client: openai.
     assert "reasoning_content" not in (reply.choices[0].message.model_extra or {})
 
 
-@pytest.mark.parametrize(
-    ("fields", "param"),
-    [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        (
-            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "required"},
-            "tool_choice",
-        ),
-    ],
-)
-def test_an_answer_format_is_refused_while_the_model_thinks(server: Server, fields: dict[str, Any], param: str) -> None:
+def test_a_forced_tool_call_is_refused_while_the_model_thinks(server: Server) -> None:
+    """A JSON answer format applies after the thinking instead (`test_server_thinking_apis`)."""
+    fields = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "required"}
+    param = "tool_choice"
     body = {"model": "tiny-think", "messages": ASK, "max_tokens": 8, **fields}
     with server.client() as http:
         refused = http.post("/v1/chat/completions", json=body)

@@ -385,11 +385,22 @@ def test_a_forced_tool_call_while_thinking_is_refused(claude: anthropic.Anthropi
     assert http.post("/v1/messages", json=off).status_code == 200
 
 
-def test_an_answer_format_while_reasoning_is_refused(oai: openai.OpenAI) -> None:
+def test_an_answer_format_applies_after_the_reasoning(oai: openai.OpenAI) -> None:
+    """text.format (and chat completions' response_format) shapes the answer, not the thinking: the model thinks as
+    it would, and after </think> the grammar holds it to JSON, where it would have said something else."""
     text: Any = {"format": {"type": "json_object"}}
-    with pytest.raises(openai.BadRequestError) as refused:
-        respond(oai, text=text)
-    error: Any = refused.value.body
-    assert error["param"] == "text" and '"effort": "none"' in error["message"]
+    response = respond(oai, text=text, max_output_tokens=THOUGHT_TOKENS + 6)
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    assert [part.text for part in response.output[0].content or []] == [THOUGHT]
+    assert response.output_text.startswith("{") and ANSWER not in response.output_text
+    chat = oai.chat.completions.create(
+        model="tiny-think",
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=THOUGHT_TOKENS + 6,
+        response_format={"type": "json_object"},
+    )
+    assert (chat.choices[0].message.model_extra or {}).get("reasoning_content") == THOUGHT
+    assert (chat.choices[0].message.content or "").startswith("{")
     off = respond(oai, text=text, reasoning={"effort": "none"}, max_output_tokens=8)
     assert [item.type for item in off.output] == ["message"]
+    assert off.output_text.startswith("{")

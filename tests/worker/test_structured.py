@@ -132,6 +132,10 @@ def test_choice_and_grammar(engine: Engine, tokenizer: PreTrainedTokenizerBase) 
         (StructuredOutput("json", "{not json"), "not valid JSON"),
         (StructuredOutput("regex", "(unclosed", "guided_regex"), "unclosed group"),
         (StructuredOutput("choice", "[]", "guided_choice"), "non-empty list"),
+        # SmolLM2 has no </think> token: an answer format cannot start after it
+        (StructuredOutput("json_object", after="</think>"), 'unknown special token: "</think>"'),
+        (StructuredOutput("regex", "a+", "guided_regex", after="</think>"), "applies to the whole output"),
+        (StructuredOutput("json_object", after="</think"), "not a special token"),
     ],
 )
 def test_a_bad_constraint_is_refused_before_it_runs(engine: Engine, structured: StructuredOutput, words: str) -> None:
