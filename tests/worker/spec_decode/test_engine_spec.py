@@ -176,7 +176,9 @@ class Likeliest(Speculator):
 
 def test_sampled_tokens_keep_their_distribution(model: PreTrainedModel) -> None:
     """Many seeded draws of a request's first four tokens with and without proposals come from the same
-    distribution at each position."""
+    distribution at each position (`test_verify` holds the rule itself to known distributions)."""
+    if model.config.model_type != "llama":
+        pytest.skip("one architecture is enough: the rule does not depend on the model")
     prompt = random_prompts(vocab(model), [6], seed=9)["r0"]
 
     def draws(engine: Engine, seeds: range) -> torch.Tensor:
