@@ -290,7 +290,7 @@ class Engine:
         logits, scores = split_scores(self.runner.execute(items), items, [item.seq for item in plan.scheduled])
         for row, allowed in zip(rows, self._allowed(rows, self.grammar.finish(masks)), strict=True):
             row.allowed = allowed
-        verified = self._sample(logits, rows, drafts)
+        verified = self._sample(logits, rows, drafts, firsts)
         tokens = {rid: v.token_ids for rid, v in verified.items()}
         lengths = {seq.request_id: seq.num_tokens for seq in (item.seq for item in plan.scheduled)}
         finished = {seq.request_id for seq in self.scheduler.update(plan, tokens)}
@@ -340,9 +340,11 @@ class Engine:
             start += len(proposed) + 1
         return firsts
 
-    def _sample(self, logits: torch.Tensor, rows: list[SampleInput], drafts: list[list[int]]) -> dict[str, Verified]:
+    def _sample(
+        self, logits: torch.Tensor, rows: list[SampleInput], drafts: list[list[int]], firsts: list[SampleInput]
+    ) -> dict[str, Verified]:
         """Each sampling request's new tokens and their logprobs: one sampled token where it proposed none, else the
-        proposed tokens it keeps and one more (`worker.spec_decode.verify`)."""
+        proposed tokens it keeps and one more (`worker.spec_decode.verify`). `firsts`: each request's first row."""
         if not rows:
             return {}
         if not any(drafts):
@@ -352,7 +354,7 @@ class Engine:
                 for row, token, logprobs in zip(rows, sampled.token_ids, sampled.logprobs, strict=True)
             }
         verified = verify(self.sampler, logits, rows, drafts)
-        return {row.request_id: v for row, v in zip(self._first_rows(rows, drafts), verified, strict=True)}
+        return {row.request_id: v for row, v in zip(firsts, verified, strict=True)}
 
     @staticmethod
     def _decodes(item: ScheduledSeq) -> bool:

@@ -122,7 +122,7 @@ class Scheduler:
         headroom = max(1, bm.num_blocks // 100)
         for item in out.scheduled:
             seq = item.seq
-            drafts, seq.draft_token_ids = seq.draft_token_ids[:budget], []
+            drafts = seq.draft_token_ids[:budget]  # cleared for every running request after this
             if not drafts or item.num_new_tokens != 1 or not item.completes:
                 continue
             if bm.blocks_needed(seq.block_table, seq.num_tokens + len(drafts)) + headroom > bm.num_free_blocks:
